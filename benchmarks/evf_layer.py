@@ -1,0 +1,455 @@
+"""Benchmark one Elastic Vision FFN layer against a dense FFN and DeepSpeed's top-1 MoE layer, on CPU.
+
+Measures wall time (median of N repeats after warm-up) and peak memory of a single layer at hidden size 576 and
+FFN intermediate size 1536 (SmolLM2-135M's sizes), batch 1 x T tokens, fp32, for
+
+- `dense`: transformers `LlamaMLP` (the FFN every decoder layer has);
+- `evf`: `eve_vlm.model.evf.ElasticVisionFFN` (2 experts, top-1, `img_gbpr` allocation), gather/scatter
+  dispatch (`index_select` / `index_add_`), language FFN frozen as expert 0;
+- `deepspeed`: `deepspeed.moe.layer.MoE` (2 experts, k=1, ep_size=1, RTS) from the installed DeepSpeed, single
+  process on CPU (gloo, world size 1). Recent DeepSpeed releases dispatch by index gather, not by one-hot
+  einsum;
+- `deepspeed-einsum`: a re-implementation of DeepSpeed 0.9.5's top-1 MoE (`top1gating` + one-hot
+  `sec,sm->ecm` / `sec,ecm->sm` einsum dispatch), the version MoE-LLaVA and Eve pin; its dispatch costs
+  O(S * E * C * D) with capacity C ~ S, i.e. quadratic in the number of tokens S. Pure torch, no DeepSpeed
+  needed.
+
+All MoE layers get the same FFN weights (both experts are copies of the same `LlamaMLP`), the same router
+weights, capacity factor 1.5 (train) / 2.0 (eval), min capacity 4, and expert 0 frozen (Eve stage 3); the
+dense FFN is fully trainable. The image mask marks 75% of the tokens as one image block (1/8 text before it,
+1/8 after), a realistic VLM prompt; with no image token the EVF would take its text-only shortcut.
+Modes: `fwd` = eval mode under `torch.inference_mode()`; `fwd_bwd` = train mode, input requiring grad, loss
+`out.sum() + 0.01 * aux_loss`, backward, gradients dropped before the next step.
+
+Every case (layer, tokens, mode) runs in a fresh subprocess with `torch.set_num_threads(2)`. Peak memory is the
+process's peak resident set size during warm-up and timed repeats minus its resident size just before them
+(after imports, building the layer and the input): the kernel's peak counter is reset through
+`/proc/self/clear_refs` where allowed (`mem_method: vmhwm-reset`), else `ru_maxrss` delta (`ru_maxrss-delta`,
+which can under-read when setup peaked higher). Output: one JSON line per case, then one line of ratios (EVF
+time and peak memory divided by each other layer's). Timings depend on the machine (CPU, BLAS, threads, load);
+compare numbers only from one run on one machine.
+
+Run it (its own venv, so DeepSpeed does not touch the project's environment; CPU torch only):
+
+    python3 -m venv /work/bench-venv && source /work/bench-venv/bin/activate
+    pip install torch==2.13.0              # the CPU wheel; never let pip pull a CUDA torch or torchvision
+    pip install deepspeed transformers     # then check: pip list | grep -i torch  ->  2.13.0+cpu
+    pip install -e . --no-deps             # or rely on this script putting the repo root on sys.path
+    python benchmarks/evf_layer.py         # all layers at 512, 2048 and 8192 tokens, < 10 min on 2 cores
+    python benchmarks/evf_layer.py --tokens 512 --repeats 3 --layers dense evf
+    python benchmarks/evf_layer.py --check # parity check of the MoE layers (all equal p * FFN(x)), no timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HIDDEN_SIZE = 576
+INTERMEDIATE_SIZE = 1536
+NUM_EXPERTS = 2
+CAPACITY_FACTOR = 1.5
+EVAL_CAPACITY_FACTOR = 2.0
+MIN_CAPACITY = 4
+ROUTER_STD = 0.02
+AUX_WEIGHT = 0.01
+THREADS = 2
+LAYERS = ("dense", "evf", "deepspeed", "deepspeed-einsum")
+MODES = ("fwd", "fwd_bwd")
+CASE_TIMEOUT_S = 600
+
+# A step returns the layer output [B, T, D], the aux loss (or None) and the tokens routed to each expert.
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None, list[int] | None]]
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------- DeepSpeed 0.9.5 top-1 MoE, re-implemented
+
+
+def top1gating_095(logits: Tensor, capacity_factor: float, min_capacity: int) -> tuple[Tensor, ...]:
+    """DeepSpeed 0.9.5 `sharded_moe.top1gating` with its defaults (no noise, drop_tokens, RTS, no tutel).
+
+    Args:
+        logits: [S, E] fp32 router logits.
+
+    Returns:
+        l_aux (0-dim), combine_weights [S, E, C] fp32, dispatch_mask [S, E, C] bool, exp_counts [E] (on CPU).
+    """
+    gates = F.softmax(logits, dim=1)  # (S, E)
+    num_tokens, num_experts = gates.shape
+    capacity = max(int(torch.ceil(torch.tensor(num_tokens / num_experts * capacity_factor))), min_capacity)
+    indices1_s = torch.argmax(gates, dim=1)
+    mask1 = F.one_hot(indices1_s, num_classes=num_experts)  # (S, E)
+    exp_counts = torch.sum(mask1, dim=0).detach().to("cpu")
+    me = torch.mean(gates, dim=0)
+    ce = torch.mean(mask1.float(), dim=0)
+    l_aux = torch.sum(me * ce) * num_experts
+    mask1_rand = mask1 * torch.rand(mask1.shape, device=logits.device)  # random token selection
+    assert num_tokens >= min_capacity, "fewer tokens than min_capacity"
+    top_idx = torch.topk(mask1_rand, k=capacity, dim=0)[1]  # (C, E)
+    mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations1_s = torch.sum(locations1 * mask1, dim=1)  # (S,)
+    gates = gates * mask1.float()
+    locations1_sc = F.one_hot(locations1_s, num_classes=capacity).float()  # (S, C)
+    combine_weights = torch.einsum("se,sc->sec", gates, locations1_sc)  # (S, E, C)
+    dispatch_mask = combine_weights.bool()
+    return l_aux, combine_weights, dispatch_mask, exp_counts
+
+
+class EinsumTop1MoE(nn.Module):
+    """DeepSpeed 0.9.5 `MoE` (k=1, ep_size=1, no residual, no tutel) on one process: `TopKGate` + `MOELayer`
+    + `Experts`, dispatch and combine by one-hot einsum over [S, E, C].
+
+    Shape letters: S tokens, E experts, C capacity, M = D model size.
+    """
+
+    def __init__(self, *, expert: nn.Module, hidden_size: int, num_experts: int, capacity_factor: float,
+                 eval_capacity_factor: float, min_capacity: int) -> None:
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False).float()
+        self.experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d_model = hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, d_model)  # (S, M)
+        logits = self.wg(x.float())  # (S, E)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        l_aux, combine_weights, dispatch_mask, exp_counts = top1gating_095(logits, factor, self.min_capacity)
+        dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.type_as(x), x)  # (E, C, M)
+        dispatched = dispatched.reshape(1, self.num_experts, -1, d_model)  # ecm -> gecm, g = ep_size = 1
+        chunks = dispatched.chunk(self.num_experts, dim=1)
+        expert_output = torch.cat([ffn(chunk) for chunk, ffn in zip(chunks, self.experts, strict=True)], dim=1)
+        expert_output = expert_output.reshape(self.num_experts, -1, d_model)  # (E, C, M)
+        combined = torch.einsum("sec,ecm->sm", combine_weights.type_as(x), expert_output)  # (S, M)
+        return combined.reshape(hidden_states.shape), l_aux, exp_counts
+
+
+# ---------------------------------------------------------------------------------------- building the layers
+
+
+def make_ffn() -> nn.Module:
+    """SmolLM2-135M-sized `LlamaMLP`, seeded so every layer starts from the same weights."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN_SIZE, intermediate_size=INTERMEDIATE_SIZE, hidden_act="silu")
+    return LlamaMLP(config)
+
+
+def router_weight() -> Tensor:
+    """[E, D] router weight shared by all MoE layers (EVF's init: N(0, 0.02^2))."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(NUM_EXPERTS, HIDDEN_SIZE, generator=generator) * ROUTER_STD
+
+
+def make_inputs(tokens: int) -> tuple[Tensor, Tensor]:
+    """hidden_states [1, T, D] ~ N(0, 1) and image_mask [1, T]: one image block over the middle 3/4."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, tokens, HIDDEN_SIZE, generator=generator)
+    image_mask = torch.zeros(1, tokens, dtype=torch.bool)
+    image_mask[:, tokens // 8 : tokens // 8 + 3 * tokens // 4] = True
+    return x, image_mask
+
+
+def init_distributed() -> None:
+    """Single-process gloo group, as DeepSpeed's MoE layer needs torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def build(layer: str) -> tuple[nn.Module, Step, str]:
+    """Return the module, a step `(x, image_mask) -> (out, aux, tokens_per_expert)` and an impl label."""
+    ffn = make_ffn()
+    if layer == "dense":
+        impl = f"transformers-{_version('transformers')}-LlamaMLP"
+        return ffn, lambda x, mask: (ffn(x), None, None), impl
+    if layer == "evf":
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        from eve_vlm.model.evf import ElasticVisionFFN
+
+        evf = ElasticVisionFFN(language_ffn=ffn, hidden_size=HIDDEN_SIZE, num_experts=NUM_EXPERTS, top_k=1,
+                               allocation="img_gbpr", capacity_factor=CAPACITY_FACTOR,
+                               eval_capacity_factor=EVAL_CAPACITY_FACTOR, min_capacity=MIN_CAPACITY)
+        with torch.no_grad():
+            evf.router.weight.copy_(router_weight())
+
+        def evf_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
+            out = evf(x, mask)
+            return out.hidden_states, out.aux_loss, out.stats.tokens_per_expert.tolist()
+
+        return evf, evf_step, "eve_vlm-ElasticVisionFFN-img_gbpr"
+    if layer == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        init_distributed()
+        from deepspeed.moe.layer import MoE
+
+        moe = MoE(hidden_size=HIDDEN_SIZE, expert=ffn, num_experts=NUM_EXPERTS, ep_size=1, k=1,
+                  capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=EVAL_CAPACITY_FACTOR,
+                  min_capacity=MIN_CAPACITY, use_residual=False)
+        with torch.no_grad():
+            moe.deepspeed_moe.gate.wg.weight.copy_(router_weight())
+        moe.deepspeed_moe.experts.deepspeed_experts[0].requires_grad_(False)
+
+        def ds_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
+            out, l_aux, exp_counts = moe(x)
+            return out, l_aux, exp_counts.tolist()
+
+        return moe, ds_step, f"deepspeed-{_version('deepspeed')}"
+    if layer == "deepspeed-einsum":
+        moe = EinsumTop1MoE(expert=ffn, hidden_size=HIDDEN_SIZE, num_experts=NUM_EXPERTS,
+                            capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=EVAL_CAPACITY_FACTOR,
+                            min_capacity=MIN_CAPACITY)
+        with torch.no_grad():
+            moe.wg.weight.copy_(router_weight())
+        moe.experts[0].requires_grad_(False)
+
+        def einsum_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
+            out, l_aux, exp_counts = moe(x)
+            return out, l_aux, exp_counts.tolist()
+
+        return moe, einsum_step, "reimpl-0.9.5"
+    raise ValueError(f"unknown layer {layer!r}; choose from {list(LAYERS)}")
+
+
+# ------------------------------------------------------------------------------------------- memory, timing
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+class PeakMemory:
+    """Peak resident memory above the level at `start()`: VmHWM after resetting it, else ru_maxrss delta."""
+
+    def start(self) -> None:
+        gc.collect()
+        self.method = "ru_maxrss-delta"
+        self.base = _maxrss_mb()
+        rss = _status_mb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            return
+        if rss is not None and _status_mb("VmHWM") is not None:
+            self.method, self.base = "vmhwm-reset", rss
+
+    def peak_mb(self) -> float:
+        peak = _status_mb("VmHWM") if self.method == "vmhwm-reset" else _maxrss_mb()
+        return max(peak - self.base, 0.0)
+
+
+def run_case(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> dict:
+    """Build one layer, time `repeats` steps after `warmup`, measure peak memory; return the JSON record."""
+    torch.set_num_threads(THREADS)
+    module, step, impl = build(layer)
+    x, image_mask = make_inputs(tokens)
+    training = mode == "fwd_bwd"
+    module.train(training)
+    params = [p for p in module.parameters() if p.requires_grad]
+    routed: list[int] | None = None
+    if training:
+        x.requires_grad_(True)
+
+    def once() -> None:
+        nonlocal routed
+        if not training:
+            with torch.inference_mode():
+                _, _, routed = step(x, image_mask)
+            return
+        out, aux, routed = step(x, image_mask)
+        loss = out.sum() if aux is None else out.sum() + AUX_WEIGHT * aux
+        loss.backward()
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    memory = PeakMemory()
+    memory.start()
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append((time.perf_counter() - start) * 1000)
+    return {
+        "layer": layer,
+        "impl": impl,
+        "tokens": tokens,
+        "mode": mode,
+        "ms": round(statistics.median(times), 3),
+        "ms_min": round(min(times), 3),
+        "ms_max": round(max(times), 3),
+        "peak_mb": round(memory.peak_mb(), 1),
+        "mem_method": memory.method,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in params),
+        "tokens_per_expert": routed,
+        "torch": torch.__version__,
+        "deepspeed": _version("deepspeed"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def skip_reason(layer: str) -> str | None:
+    """Why `layer` cannot run here, or None."""
+    if layer == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not importable in this environment (pip install deepspeed; see the docstring)"
+    if layer == "evf":
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        try:
+            importlib.import_module("eve_vlm.model.evf")
+        except ImportError as error:
+            return f"eve_vlm.model.evf does not import: {error}"
+    return None
+
+
+def run_in_subprocess(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--_case", layer, str(tokens), mode,
+               "--repeats", str(repeats), "--warmup", str(warmup)]
+    base = {"layer": layer, "tokens": tokens, "mode": mode}
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {CASE_TIMEOUT_S} s"}
+    records = [line for line in proc.stdout.splitlines() if line.startswith('{"layer"')]
+    if proc.returncode != 0 or not records:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**base, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(records[-1])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """EVF's ms and peak_mb divided by each other layer's, per (tokens, mode)."""
+    table = {(r["layer"], r["tokens"], r["mode"]): r for r in records if "ms" in r}
+    rows = []
+    for (layer, tokens, mode), evf in table.items():
+        if layer != "evf":
+            continue
+        row = {"tokens": tokens, "mode": mode}
+        for other in ("dense", "deepspeed", "deepspeed-einsum"):
+            ref = table.get((other, tokens, mode))
+            if ref is not None:
+                row[f"evf/{other}"] = {"ms": _ratio(evf["ms"], ref["ms"]),
+                                       "peak_mb": _ratio(evf["peak_mb"], ref["peak_mb"])}
+        rows.append(row)
+    return rows
+
+
+def parity_check(tokens: int = 512) -> None:
+    """Eval mode, nothing dropped, both experts = the same FFN: every MoE output must equal p_max * FFN(x)."""
+    torch.set_num_threads(THREADS)
+    x, image_mask = make_inputs(tokens)
+    probs = F.linear(x.reshape(-1, HIDDEN_SIZE), router_weight()).softmax(-1).max(-1).values
+    with torch.inference_mode():
+        expected = make_ffn()(x) * probs.view(1, tokens, 1)
+        for layer in LAYERS[1:]:
+            reason = skip_reason(layer)
+            if reason:
+                print(json.dumps({"check": layer, "skipped": reason}))
+                continue
+            module, step, impl = build(layer)
+            out, _, routed = step(x, image_mask.clone())
+            error = (out - expected).abs().max().item()
+            print(json.dumps({"check": layer, "impl": impl, "max_abs_err": error, "ok": error < 1e-5,
+                              "tokens_per_expert": routed}))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192], help="sequence lengths T")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case before timing")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS, help="layers to measure")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="fwd and/or fwd_bwd")
+    parser.add_argument("--check", action="store_true", help="only check that the MoE layers agree; no timing")
+    parser.add_argument("--_case", nargs=3, metavar=("LAYER", "TOKENS", "MODE"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args._case:
+        layer, tokens, mode = args._case
+        print(json.dumps(run_case(layer, int(tokens), mode, args.repeats, args.warmup)), flush=True)
+        return
+    if args.check:
+        parity_check()
+        return
+    layers = []
+    for layer in args.layers:
+        reason = skip_reason(layer)
+        if reason:
+            print(json.dumps({"layer": layer, "skipped": reason}), flush=True)
+        else:
+            layers.append(layer)
+    records = []
+    for tokens in args.tokens:
+        for mode in args.modes:
+            for layer in layers:
+                record = run_in_subprocess(layer, tokens, mode, args.repeats, args.warmup)
+                print(json.dumps(record), flush=True)
+                records.append(record)
+    print(json.dumps({"ratios": ratios(records)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""User-facing errors. Every error a user can cause is an `EveError` subclass whose message names the
+file, row, key or value at fault and says what to do about it."""
+
+
+class EveError(Exception):
+    """Base class of all errors caused by user input or configuration."""
+
+
+class ConfigError(EveError, ValueError):
+    """A configuration value is unknown, out of range or inconsistent with another."""
+
+
+class ImageTokenMismatchError(EveError, ValueError):
+    """The number of images does not match the number of `<image>` placeholders in the text."""
+
+
+class ImageSizeError(EveError, ValueError):
+    """`pixel_values` do not have the size the vision tower was configured for."""
+
+
+class CheckpointError(EveError, RuntimeError):
+    """A checkpoint does not match the model config (missing or unexpected weights)."""

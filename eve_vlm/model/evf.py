@@ -1,0 +1,287 @@
+"""Elastic Vision FFN (EVF): the decoder FFN turned into a small mixture of experts for image tokens.
+
+Expert 0 is the language model's own FFN (the same module object, frozen); experts 1..E-1 are trainable vision
+FFNs, by default copies of it. A router `Linear(D, E, bias=False)`, computed in fp32, scores every token; the
+experts are chosen by top-k (`allocation.assign_experts`), a token-allocation policy (`allocation.py`) decides
+which assignments an over-full expert keeps, and the kept ones are dispatched by gather/scatter
+(`index_select` / `index_add_` on the token dimension), so the cost is linear in the number of tokens.
+
+Elastic guarantee: when a batch has no image token, the output is `language_ffn(hidden_states)` itself,
+bit for bit (no router, no weight, no residual mix), so the text path of the language model is unchanged.
+
+Shape letters: B batch, T tokens per sequence, D hidden size, S = B * T flattened tokens, E experts,
+K experts chosen per token (top_k).
+
+Derived from DeepSpeed `deepspeed/moe/sharded_moe.py` (top1gating: capacity, RTS, soft combine weight =
+router probability, Switch balance loss `l_aux`; `deepspeed/moe/layer.py` `use_residual`), MoE-LLaVA
+(Lin et al. 2024) and Eve (Rang et al. 2025, arXiv 2501.04322) for the layer placement and the frozen
+language expert, and V-MoE (Riquelme et al. 2021) for batch-prioritized routing. Our readings, not fixed by the
+paper or its code: the `l1` balance loss, the GBPR / Img-GBPR / per-sequence BPR policies, renormalising the
+combine weights over the k chosen experts for top_k > 1, and the routing statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eve_vlm.errors import ConfigError
+from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert_capacity, get_policy
+
+__all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingStats"]
+
+COMBINE_MODES = ("soft", "hard")
+BALANCE_LOSSES = ("switch", "l1", "none")
+ROUTER_INIT_STD = 0.02
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one EVF forward (detached tensors on the input's device).
+
+    Attributes:
+        routed_image: [E] long, image-token assignments per chosen expert (before capacity).
+        routed_text: [E] long, text-token assignments per chosen expert (before capacity).
+        kept_image: [E] long, image-token assignments the expert processed.
+        kept_text: [E] long, text-token assignments the expert processed.
+        capacity: Per-expert capacity applied; where no limit applies (`modality`, or a batch without
+            image tokens) it is the number of assignments.
+        entropy: 0-dim fp32 mean router entropy over tokens (nats); 0 when the router did not run.
+    """
+
+    routed_image: Tensor
+    routed_text: Tensor
+    kept_image: Tensor
+    kept_text: Tensor
+    capacity: int
+    entropy: Tensor
+
+    @property
+    def dropped_image(self) -> Tensor:
+        """[E] image-token assignments dropped for lack of capacity."""
+        return self.routed_image - self.kept_image
+
+    @property
+    def dropped_text(self) -> Tensor:
+        """[E] text-token assignments dropped for lack of capacity."""
+        return self.routed_text - self.kept_text
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """[E] assignments per chosen expert, image and text together."""
+        return self.routed_image + self.routed_text
+
+
+@dataclass
+class EVFOutput:
+    """Output of `ElasticVisionFFN.forward`.
+
+    Attributes:
+        hidden_states: [B, T, D] FFN output, same dtype as the input.
+        aux_loss: 0-dim balance loss (carries gradient to the router; zero when no balance loss applies).
+        stats: Routing statistics.
+    """
+
+    hidden_states: Tensor
+    aux_loss: Tensor
+    stats: RoutingStats
+
+
+class ElasticVisionFFN(nn.Module):
+    """Mixture of a frozen language FFN (expert 0) and trainable vision FFNs (experts 1..E-1).
+
+    Args:
+        language_ffn: The language model's FFN. Kept as `self.language_ffn` (the same object, not a copy)
+            and frozen in place: its parameters get `requires_grad=False`.
+        vision_ffn: FFN of expert 1 (experts 2.. are copies of it); None = deep copies of `language_ffn`.
+            Vision FFNs are made trainable. Experts are called on [1, n, D] gathered tokens, so they must
+            act token by token (any FFN does).
+        hidden_size: D.
+        num_experts: E >= 2, the language FFN included.
+        top_k: Experts per token, 1..E.
+        allocation: Token-allocation policy, a key of `ALLOCATION_POLICIES`.
+        capacity_factor: Capacity factor in training mode (`self.training`).
+        eval_capacity_factor: Capacity factor in eval mode; 2.0 with E=2 drops nothing.
+        min_capacity: Lower bound on the per-expert capacity.
+        combine: `soft`: expert output times the router probability of that expert (DeepSpeed; not
+            renormalised for top_k=1, renormalised over the k chosen experts for top_k > 1);
+            `hard`: weight 1 (top_k=1 only).
+        balance_loss: `switch`: `E * sum_e(mean_prob_e * fraction_e)`; `l1`: `sum_e |mean_prob_e -
+            fraction_e|`; `none`. fraction_e = share of tokens whose first choice is e, before capacity.
+            Always 0 with `modality` allocation.
+        use_residual: DeepSpeed residual MoE: `c0 * moe(x) + c1 * language_ffn(x)` with
+            `c = softmax(coefficient(x))`.
+        seed: Seed of the CPU generator used by the `rts` policy; None = torch's global generator.
+
+    Raises:
+        ConfigError: An option is out of range or unknown.
+    """
+
+    def __init__(
+        self,
+        *,
+        language_ffn: nn.Module,
+        vision_ffn: nn.Module | None = None,
+        hidden_size: int,
+        num_experts: int = 2,
+        top_k: int = 1,
+        allocation: str = "img_gbpr",
+        capacity_factor: float = 1.5,
+        eval_capacity_factor: float = 2.0,
+        min_capacity: int = 0,
+        combine: str = "soft",
+        balance_loss: str = "switch",
+        use_residual: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine)
+        if balance_loss not in BALANCE_LOSSES:
+            raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.allocation = allocation
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.combine = combine
+        self.balance_loss = balance_loss
+        self.use_residual = use_residual
+        self._policy = get_policy(allocation)
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        self.language_ffn = language_ffn.requires_grad_(False)
+        first = vision_ffn if vision_ffn is not None else copy.deepcopy(language_ffn)
+        vision = [first] + [copy.deepcopy(first) for _ in range(num_experts - 2)]
+        self.vision_ffns = nn.ModuleList(ffn.requires_grad_(True) for ffn in vision)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.coefficient = nn.Linear(hidden_size, 2) if use_residual else None
+        self.reset_parameters()
+
+    @property
+    def experts(self) -> list[nn.Module]:
+        """All experts, language FFN first: `[language_ffn, *vision_ffns]`."""
+        return [self.language_ffn, *self.vision_ffns]
+
+    def reset_parameters(self) -> None:
+        """Initialise the router to N(0, 0.02^2) (small logits, near-uniform but untied probabilities) and the
+        residual coefficient layer to PyTorch's Linear default. The FFNs are left as they are."""
+        nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD)
+        if self.coefficient is not None:
+            self.coefficient.reset_parameters()
+
+    def forward(self, hidden_states: Tensor, image_mask: Tensor) -> EVFOutput:
+        """Route, allocate, dispatch and combine.
+
+        Args:
+            hidden_states: [B, T, D].
+            image_mask: [B, T] bool, True at image tokens.
+
+        Returns:
+            `EVFOutput`; without any image token, `hidden_states` is `language_ffn(hidden_states)` exactly.
+        """
+        if not bool(image_mask.any()):
+            return self._language_only(hidden_states)
+        batch, seq_len, dim = hidden_states.shape
+        x = hidden_states.reshape(batch * seq_len, dim)  # (S, D)
+        mask = image_mask.reshape(-1).to(torch.bool)  # (S,)
+        logits = F.linear(x.float(), self.router.weight.float())  # (S, E) fp32
+        probs = logits.softmax(dim=-1)
+        expert_idx, weights = assign_experts(probs, mask, top_k=self.top_k, allocation=self.allocation)
+        capacity = self._capacity(expert_idx.numel())
+        keep = self._policy(probs, expert_idx, mask, capacity, seq_len=seq_len, generator=self._generator)
+        out = self._dispatch(x, expert_idx, keep, self._combine_weights(weights))
+        if self.coefficient is not None:
+            coef = self.coefficient(x).softmax(dim=-1)  # (S, 2)
+            dense = self.language_ffn(hidden_states).reshape(batch * seq_len, dim)
+            out = out * coef[:, :1] + dense * coef[:, 1:]
+        stats = _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs)
+        return EVFOutput(out.view(batch, seq_len, dim), self._balance_loss(probs, expert_idx), stats)
+
+    def _language_only(self, hidden_states: Tensor) -> EVFOutput:
+        num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        device = hidden_states.device
+        zeros = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+        text = zeros.clone()
+        text[0] = num_tokens
+        stats = RoutingStats(zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device))
+        return EVFOutput(self.language_ffn(hidden_states), torch.zeros((), device=device), stats)
+
+    def _capacity(self, num_assignments: int) -> int:
+        if self.allocation == "modality":
+            return num_assignments
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_assignments, self.num_experts, factor, self.min_capacity)
+
+    def _combine_weights(self, weights: Tensor) -> Tensor:
+        if self.combine == "hard":
+            return torch.ones_like(weights)
+        if self.top_k > 1:
+            return weights
+        return weights
+
+    def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor, weights: Tensor) -> Tensor:
+        """Gather each expert's kept tokens, run the expert, scatter-add `weight * output` back. [S, D]."""
+        top_k = expert_idx.shape[1]
+        bucket = torch.where(keep, expert_idx, self.num_experts).reshape(-1)  # dropped -> bucket E
+        order = torch.argsort(bucket, stable=True)
+        counts = torch.bincount(bucket, minlength=self.num_experts + 1).tolist()  # the one host sync
+        token = order // top_k
+        weight = weights.reshape(-1)[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=False):
+            if count:
+                idx = token[start : start + count]
+                y = expert(x.index_select(0, idx).unsqueeze(0)).squeeze(0)  # (n, D)
+                out.index_add_(0, idx, y * weight[start : start + count, None])
+            start += count
+        return out
+
+    def _balance_loss(self, probs: Tensor, expert_idx: Tensor) -> Tensor:
+        if self.balance_loss == "none" or self.allocation == "modality":
+            return torch.zeros((), device=probs.device)
+        mean_prob = probs.mean(dim=0)  # (E,)
+        fraction = torch.bincount(expert_idx[:, 0], minlength=self.num_experts).float() / probs.shape[0]
+        if self.balance_loss == "switch":
+            return self.num_experts * (mean_prob * fraction).sum()
+        return (mean_prob - fraction).abs().sum()
+
+
+def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine):
+    if num_experts < 2:
+        raise ConfigError(f"num_experts={num_experts} must be >= 2 (the language FFN and at least one vision FFN).")
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"top_k={top_k} must be between 1 and num_experts={num_experts}.")
+    if allocation not in ALLOCATION_POLICIES:
+        raise ConfigError(f"allocation={allocation!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}.")
+    if allocation == "modality" and top_k != 1:
+        raise ConfigError(f"top_k={top_k} is not allowed with allocation='modality'; it needs top_k=1.")
+    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} must be > 0.")
+    if min_capacity < 0:
+        raise ConfigError(f"min_capacity={min_capacity} must be >= 0.")
+    if combine not in COMBINE_MODES:
+        raise ConfigError(f"combine={combine!r} is unknown; choose one of {list(COMBINE_MODES)}.")
+    if combine == "hard" and top_k != 1:
+        raise ConfigError(f"combine='hard' needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1.")
+
+
+def _routing_stats(
+    expert_idx: Tensor, keep: Tensor, image_mask: Tensor, num_experts: int, capacity: int, probs: Tensor
+) -> RoutingStats:
+    """Count assignments per (modality, expert), routed and kept, with one bincount each."""
+    with torch.no_grad():
+        bucket = expert_idx + num_experts * (~image_mask)[:, None]  # image: e, text: E + e
+        routed = torch.bincount(bucket.reshape(-1), minlength=2 * num_experts)
+        kept_bucket = torch.where(keep, bucket, 2 * num_experts)
+        kept = torch.bincount(kept_bucket.reshape(-1), minlength=2 * num_experts + 1)
+        entropy = torch.special.entr(probs).sum(dim=-1).mean()
+    e = num_experts
+    return RoutingStats(routed[:e], routed[e:], kept[:e], kept[e : 2 * e], capacity, entropy.detach())

@@ -1,0 +1,277 @@
+"""`EveForConditionalGeneration`: vision tower -> projector -> placeholder merge -> unmodified causal LM.
+
+Features:
+- Any transformers causal LM (`AutoModelForCausalLM`) and any vision tower (`AutoModel`), composed, not forked;
+  the LM's parameter names stay those of the base model under the `language_model.` prefix.
+- Image features fill the `<image>` placeholder positions with `masked_scatter` after a count check
+  (as transformers' `LlavaForConditionalGeneration`); the placeholder id may lie outside the LM vocabulary.
+- Stage 3 (`add_elastic_vision_ffns`) swaps chosen decoder layers for `EveDecoderLayer`s with an
+  `ElasticVisionFFN`; the image mask reaches them as a forward argument (see `decoder_layer.py`).
+- The elastic guarantee: a batch with no image token runs only the language FFNs with weight 1, so its logits
+  are the base LLM's bit for bit.
+- Typed output: logits, loss = CE + aux_loss_coef * sum of EVF balance losses, aux loss, per-layer routing.
+
+Derived from transformers' `models/llava/modeling_llava.py` and the Eve paper (arXiv 2501.04322).
+Shapes: B batch, T tokens, N images, Ni tokens per image, D LM hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
+from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
+from eve_vlm.model.decoder_layer import RoutingRecorder, evf_modules, insert_evf_layers
+from eve_vlm.model.evf import RoutingStats
+from eve_vlm.model.projector import build_projector
+from eve_vlm.model.vision import EveVisionEncoder
+
+
+@dataclass
+class EveCausalLMOutput(ModelOutput):
+    """Output of `EveForConditionalGeneration.forward`.
+
+    Attributes:
+        loss: CE + aux_loss_coef * aux_loss when labels are given.
+        logits: (B, T, V) next-token logits.
+        past_key_values: The KV cache when `use_cache`.
+        aux_loss: Sum of the EVF layers' balance losses (0 without EVF layers).
+        routing: Routing statistics of each EVF layer, keyed by decoder-layer index.
+        image_hidden_states: (N, Ni, D) projected image features when images were given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+    routing: dict[int, RoutingStats] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def merge_image_features(
+    inputs_embeds: torch.Tensor,  # (B, T, D)
+    image_mask: torch.Tensor,  # (B, T) bool
+    image_features: torch.Tensor,  # (N, Ni, D)
+) -> torch.Tensor:
+    """Writes the image features into the placeholder positions, in order.
+
+    Raises:
+        ImageTokenMismatchError: when the number of placeholders is not images x tokens per image.
+    """
+    num_images, per_image = image_features.shape[:2]
+    placeholders = int(image_mask.sum())
+    if placeholders != num_images * per_image:
+        raise ImageTokenMismatchError(
+            f"The text holds {placeholders} image placeholder tokens but {num_images} image(s) were given, which "
+            f"need {num_images * per_image} ({per_image} per image). Put exactly one <image> in the text per "
+            "image and let EveProcessor expand it."
+        )
+    mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+
+class EvePreTrainedModel(PreTrainedModel):
+    config: EveConfig
+    config_class = EveConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+
+class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
+    """An Eve vision-language model.
+
+    Args:
+        config: The model configuration. With `config.evf` set, the EVF layers are built too, so a stage-3
+            checkpoint loads with `from_pretrained`.
+    """
+
+    def __init__(self, config: EveConfig):
+        super().__init__(config)
+        self.vision_tower = EveVisionEncoder.from_config(
+            config.vision_config, image_size=config.image_size, feature_layer=config.vision_feature_layer
+        )
+        self.projector = build_projector(
+            config.projector_type,
+            vision_hidden=int(config.vision_config.hidden_size),
+            text_hidden=int(config.text_config.hidden_size),
+            grid=config.projector_grid,
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.evf is not None:
+            insert_evf_layers(self.language_model, config.evf_config)
+        self.post_init()
+        self.freeze_defaults()
+
+    def freeze_defaults(self) -> None:
+        """Freezes what the method keeps frozen: the vision tower (unless configured otherwise) and every EVF's
+        language FFN. Training recipes choose the rest."""
+        if self.config.freeze_vision_tower:
+            self.vision_tower.requires_grad_(False)
+        for evf in self.evf_layers.values():
+            evf.language_ffn.requires_grad_(False)
+
+    # --- transformers plumbing -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # --- stage 3 ----------------------------------------------------------------------------------------------
+    def add_elastic_vision_ffns(self, placement: str | list[int] = "alternate", **options) -> list[int]:
+        """Turns this model into an EVF model in place (stage 3).
+
+        Args:
+            placement: `alternate` (0, 2, 4, ...), `all`, `first_half`, `second_half`, or layer indices.
+            **options: `EvfConfig` fields (num_experts, top_k, allocation, capacity_factor, ...).
+
+        Returns:
+            The converted layer indices.
+        """
+        num_layers = int(self.config.text_config.num_hidden_layers)
+        evf = EvfConfig.from_dict({**options, "layers": resolve_placement(placement, num_layers)})
+        if self.config.evf is not None:
+            raise ConfigError(
+                "This model already has Elastic Vision FFNs; convert a plain (stage 1/2) model."
+            )
+        insert_evf_layers(self.language_model, evf)
+        self.config.evf = evf.to_dict()
+        return evf.layers
+
+    @property
+    def evf_layers(self) -> dict:
+        """The `ElasticVisionFFN` of each EVF layer, by decoder-layer index."""
+        return evf_modules(self.language_model)
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images -> (N, Ni, D) projected image tokens."""
+        return self.projector(self.vision_tower(pixel_values))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> EveCausalLMOutput:
+        """Runs the model.
+
+        Args:
+            input_ids: (B, T) token ids with `image_token_id` placeholders.
+            pixel_values: (N, 3, H, W), one per image, in placeholder order.
+            image_mask: (B, T) bool; only needed with `inputs_embeds` (else derived from `input_ids`).
+            labels: (B, T) targets, -100 where ignored (placeholder positions are always ignored); shifted
+                inside like transformers' causal LMs.
+        """
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            # The placeholder id may be outside the LM vocabulary: embed a valid id, then overwrite.
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        elif image_mask is None:
+            image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = merge_image_features(inputs_embeds, image_mask, image_features)
+        elif image_mask.any():
+            raise ImageTokenMismatchError(
+                f"The text holds {int(image_mask.sum())} image placeholder tokens but no pixel_values were given."
+            )
+
+        recorder = None
+        if self.config.evf is not None:
+            recorder = RoutingRecorder()
+            kwargs.update(image_mask=image_mask, routing_recorder=recorder)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        aux_loss, routing = self._collect_routing(recorder, inputs_embeds)
+        loss = None
+        if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            loss = self.language_model.loss_function(
+                logits=out.logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            if self.config.evf is not None:
+                loss = loss + self.config.aux_loss_coef * aux_loss
+        return EveCausalLMOutput(
+            loss=loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            aux_loss=aux_loss,
+            routing=routing,
+            image_hidden_states=image_features,
+        )
+
+    @staticmethod
+    def _collect_routing(
+        recorder: RoutingRecorder | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, RoutingStats] | None]:
+        zero = torch.zeros((), dtype=torch.float32, device=like.device)
+        if recorder is None:
+            return zero, None
+        outputs = dict(sorted(recorder.outputs.items()))
+        aux = sum((o.aux_loss.float() for o in outputs.values()), zero)
+        return aux, {i: o.stats for i, o in outputs.items()}
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, raising `CheckpointError` on missing or unexpected weights.
+
+        Args:
+            strict: Raise when the checkpoint does not match the config (default). Pass False to get
+                transformers' behaviour (missing weights freshly initialised, a warning).
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model.freeze_defaults()
+        if not strict:
+            return (model, info) if want_info else model
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if missing or unexpected:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise CheckpointError(
+                f"Checkpoint {where} does not match its config: {len(missing)} missing weight(s) "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''} and {len(unexpected)} unexpected weight(s) "
+                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check that config.json (evf, projector_type, "
+                "text/vision configs) belongs to these weights, or load with strict=False."
+            )
+        return (model, info) if want_info else model

@@ -1,0 +1,136 @@
+"""`EveProcessor`: image processor + tokenizer; expands each `<image>` into the model's N placeholder tokens.
+
+The image processor is transformers' PIL-backed CLIP processor (no torchvision) set to resize straight to the
+tower's square input and normalise with the tower family's mean and std. The `<image>` placeholder is added to
+the tokenizer as a special token; its id may lie past the LM's embedding table, which the model handles (it
+never embeds the placeholder, it overwrites it with image features).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from eve_vlm.errors import ImageTokenMismatchError
+
+NORMALISATION = {
+    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+}
+
+
+def build_image_processor(vision_config: PreTrainedConfig, image_size: int) -> CLIPImageProcessorPil:
+    """A square-resize + normalise image processor for the given tower (ImageNet statistics by default)."""
+    mean, std = NORMALISATION.get(vision_config.model_type, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        do_convert_rgb=True,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+class EveProcessor(ProcessorMixin):
+    """Prepares text and images for `EveForConditionalGeneration`.
+
+    Args:
+        image_processor: Resizes and normalises images to the tower's input.
+        tokenizer: The LM's tokenizer, with `image_token` registered as a special token.
+        num_image_tokens: Placeholder tokens per image (`EveConfig.num_image_tokens`).
+        image_token: The placeholder text.
+        chat_template: Defaults to the tokenizer's own.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 1,
+        image_token: str = "<image>",
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        tokenizer,
+        vision_config: PreTrainedConfig,
+        image_size: int,
+        num_image_tokens: int,
+        image_token="<image>",
+    ) -> EveProcessor:
+        """Builds a processor for a new model, registering the placeholder token with the tokenizer."""
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([image_token], special_tokens=True)
+        return cls(
+            image_processor=build_image_processor(vision_config, image_size),
+            tokenizer=tokenizer,
+            num_image_tokens=num_image_tokens,
+            image_token=image_token,
+        )
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def expand_image_tokens(self, text: str) -> str:
+        """Replaces each `<image>` by `num_image_tokens` copies of it."""
+        return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+
+    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
+        """Tokenises `text` (str or list) and processes `images` (one per `<image>`, in order).
+
+        Raises:
+            ImageTokenMismatchError: when the number of `<image>` markers differs from the number of images.
+        """
+        texts = [text] if isinstance(text, str) else list(text or [])
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        markers = sum(t.count(self.image_token) for t in texts)
+        if markers != len(images):
+            raise ImageTokenMismatchError(
+                f"The text has {markers} '{self.image_token}' marker(s) but {len(images)} image(s) were given; "
+                "give one image per marker, in order."
+            )
+        data = dict(
+            self.tokenizer(
+                [self.expand_image_tokens(t) for t in texts],
+                return_tensors=return_tensors,
+                padding=padding,
+                add_special_tokens=False,
+                **kwargs,
+            )
+        )
+        if images:
+            data["pixel_values"] = self.image_processor(images=images, return_tensors=return_tensors)[
+                "pixel_values"
+            ]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a saved Eve model or LLM folder."""
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,79 @@
+"""The elastic vision encoder: any Hugging Face vision tower, frozen, swappable.
+
+The tower is built with `AutoModel.from_config` (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ... anything
+that returns `hidden_states`). Features come from one hidden layer (default the penultimate, as in LLaVA and
+Eve), and the prefix tokens (CLS, registers) are dropped: their count is the sequence length minus the number
+of patches, so towers with and without CLS are handled alike.
+
+Shapes: N images, C=3 channels, H=W image side, P = g*g patches, Dv vision hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+from eve_vlm.errors import ImageSizeError
+
+
+class EveVisionEncoder(nn.Module):
+    """Wraps a vision tower and returns its patch features from one hidden layer.
+
+    Args:
+        tower: A transformers vision model that accepts `pixel_values` and `output_hidden_states`.
+        image_size: Expected image side in pixels.
+        patch_size: The tower's patch size.
+        feature_layer: Index into the tower's `hidden_states` (-2 = penultimate).
+    """
+
+    def __init__(self, *, tower: nn.Module, image_size: int, patch_size: int, feature_layer: int = -2):
+        super().__init__()
+        self.tower = tower
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.feature_layer = feature_layer
+        # CLIP and SigLIP need position interpolation when run at another size than they were built for.
+        native = getattr(tower.config, "image_size", image_size)
+        self.interpolate = native != image_size and tower.config.model_type != "dinov2"
+
+    @classmethod
+    def from_config(
+        cls, vision_config: PreTrainedConfig, *, image_size: int, feature_layer: int
+    ) -> EveVisionEncoder:
+        """Builds the tower from its config (random weights; load real ones with `from_pretrained`)."""
+        tower = AutoModel.from_config(vision_config)
+        return cls(
+            tower=tower,
+            image_size=image_size,
+            patch_size=int(vision_config.patch_size),
+            feature_layer=feature_layer,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encodes images.
+
+        Args:
+            pixel_values: (N, 3, H, W) with H = W = image_size.
+
+        Returns:
+            Patch features (N, P, Dv), CLS and register tokens removed.
+        """
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ImageSizeError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected (num_images, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}); resize images with the model's EveProcessor "
+                f"(image_size={self.image_size})."
+            )
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        dtype = next(self.tower.parameters()).dtype
+        out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **kwargs)
+        hidden = out.hidden_states[self.feature_layer]  # (N, prefix + P, Dv)
+        prefix = hidden.shape[1] - self.num_patches
+        assert prefix >= 0, f"tower returned {hidden.shape[1]} tokens for {self.num_patches} patches"
+        return hidden[:, prefix:]

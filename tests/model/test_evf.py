@@ -1,0 +1,218 @@
+"""ElasticVisionFFN: elastic guarantee, dispatch vs a per-token reference, balance loss, stats, options."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from eve_vlm.errors import ConfigError
+from eve_vlm.model.evf import ElasticVisionFFN
+
+HIDDEN = 16
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+    return LlamaMLP(config)
+
+
+def _evf(seed=0, **options):
+    evf = ElasticVisionFFN(language_ffn=_mlp(seed), hidden_size=HIDDEN, **options)
+    with torch.no_grad():  # distinct vision experts and a confident router, so routing matters
+        for i, ffn in enumerate(evf.vision_ffns):
+            for p in ffn.parameters():
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+        evf.router.weight.normal_(std=1.0)
+    return evf
+
+
+def _batch(seed=0, batch=2, seq_len=6, image_share=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, HIDDEN, generator=gen)
+    mask = torch.rand(batch, seq_len, generator=gen) < image_share
+    mask[0, 0] = True
+    return x, mask
+
+
+def _reference_keep_gbpr(probs, expert_idx, capacity):
+    """Top-1 GBPR by a plain loop: per expert, most confident first, ties by token index."""
+    keep = torch.zeros(len(expert_idx), dtype=torch.bool)
+    for e in range(probs.shape[1]):
+        tokens = [s for s in range(len(expert_idx)) if expert_idx[s] == e]
+        for s in sorted(tokens, key=lambda s: (-probs[s, e].item(), s))[:capacity]:
+            keep[s] = True
+    return keep
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("options", [{}, {"use_residual": True}, {"num_experts": 3, "top_k": 2}])
+def test_text_only_batch_is_the_language_ffn_bit_for_bit(training, options):
+    evf = _evf(**options).train(training)
+    x, _ = _batch()
+    out = evf(x, torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.equal(out.hidden_states, evf.language_ffn(x))
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.dim() == 0
+    assert out.stats.routed_text.tolist() == [12] + [0] * (evf.num_experts - 1)
+    assert out.stats.kept_text.tolist() == out.stats.routed_text.tolist()
+    assert out.stats.routed_image.sum() == 0 and out.stats.dropped_text.sum() == 0
+    assert out.stats.entropy.item() == 0.0
+
+
+@pytest.mark.parametrize("allocation", ["rts", "position", "bpr", "gbpr", "img_gbpr", "modality"])
+def test_copied_vision_ffn_with_hard_combine_equals_the_language_ffn(allocation):
+    evf = ElasticVisionFFN(
+        language_ffn=_mlp(), hidden_size=HIDDEN, combine="hard", allocation=allocation, seed=0
+    ).eval()
+    x, mask = _batch(seq_len=9)
+    out = evf(x, mask)
+    torch.testing.assert_close(out.hidden_states, evf.language_ffn(x))
+    assert out.stats.dropped_image.sum() == 0 and out.stats.dropped_text.sum() == 0
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.5])
+def test_soft_combine_matches_a_per_token_reference(capacity_factor):
+    evf = _evf(allocation="gbpr", capacity_factor=capacity_factor).train()
+    x, mask = _batch(seed=1, batch=3, seq_len=5)
+    out = evf(x, mask).hidden_states.reshape(-1, HIDDEN)
+
+    tokens = x.reshape(-1, HIDDEN)
+    probs = (tokens @ evf.router.weight.T).softmax(-1)
+    expert_idx = probs.argmax(-1)
+    keep = _reference_keep_gbpr(probs, expert_idx, math.ceil(len(tokens) / 2 * capacity_factor))
+    assert (~keep).any() or capacity_factor > 0.5  # the small factor really drops tokens
+    for s in range(len(tokens)):
+        e = int(expert_idx[s])
+        if keep[s]:
+            expected = probs[s, e] * evf.experts[e](tokens[s : s + 1])[0]
+            torch.testing.assert_close(out[s], expected)
+        else:
+            assert torch.equal(out[s], torch.zeros(HIDDEN))  # dropped: exactly 0 from the expert branch
+
+
+def test_top2_soft_combine_renormalises_over_the_chosen_experts():
+    evf = _evf(num_experts=3, top_k=2).eval()
+    evf.eval_capacity_factor = 10.0  # nothing dropped
+    x, mask = _batch(seed=2)
+    out = evf(x, mask).hidden_states.reshape(-1, HIDDEN)
+    tokens = x.reshape(-1, HIDDEN)
+    weights, expert_idx = (tokens @ evf.router.weight.T).softmax(-1).topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    for s in range(len(tokens)):
+        expected = sum(weights[s, k] * evf.experts[int(expert_idx[s, k])](tokens[s : s + 1])[0] for k in range(2))
+        torch.testing.assert_close(out[s], expected)
+
+
+def test_residual_mode_matches_the_formula():
+    evf = _evf(use_residual=True).eval()
+    x, mask = _batch(seed=3)
+    plain = copy.deepcopy(evf)
+    plain.coefficient = None
+    moe = plain(x, mask).hidden_states
+    coef = evf.coefficient(x).softmax(-1)
+    expected = coef[..., :1] * moe + coef[..., 1:] * evf.language_ffn(x)
+    torch.testing.assert_close(evf(x, mask).hidden_states, expected)
+
+
+@pytest.mark.parametrize("num_experts", [2, 3])
+def test_balance_losses_match_hand_computation(num_experts):
+    x, mask = _batch(seed=4, batch=2, seq_len=8)
+    tokens = x.reshape(-1, HIDDEN)
+    losses = {}
+    for kind in ("switch", "l1", "none"):
+        evf = _evf(num_experts=num_experts, balance_loss=kind)
+        losses[kind] = evf(x, mask).aux_loss
+        probs = (tokens @ evf.router.weight.T).softmax(-1)
+    mean_prob = probs.mean(0)
+    fraction = torch.stack([(probs.argmax(-1) == e).float().mean() for e in range(num_experts)])
+    torch.testing.assert_close(losses["switch"], num_experts * (mean_prob * fraction).sum())
+    torch.testing.assert_close(losses["l1"], (mean_prob - fraction).abs().sum())
+    assert losses["none"].item() == 0.0
+    assert _evf(allocation="modality")(x, mask).aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["switch", "l1"])
+def test_aux_loss_gives_router_gradients_and_the_language_ffn_is_frozen(kind):
+    evf = _evf(balance_loss=kind).train()
+    x, mask = _batch(seed=5)
+    out = evf(x, mask)
+    out.aux_loss.backward()
+    assert evf.router.weight.grad is not None and evf.router.weight.grad.abs().sum() > 0
+    out = evf(x, mask)
+    out.hidden_states.sum().backward()
+    assert all(not p.requires_grad and p.grad is None for p in evf.language_ffn.parameters())
+    assert all(p.requires_grad for p in evf.vision_ffns.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in evf.vision_ffns.parameters())
+
+
+def test_module_structure():
+    language = _mlp()
+    vision = _mlp(seed=1)
+    evf = ElasticVisionFFN(language_ffn=language, vision_ffn=vision, hidden_size=HIDDEN, num_experts=3)
+    assert evf.language_ffn is language and evf.vision_ffns[0] is vision
+    assert evf.experts == [language, evf.vision_ffns[0], evf.vision_ffns[1]]
+    assert torch.equal(evf.vision_ffns[1].up_proj.weight, vision.up_proj.weight)
+    assert evf.vision_ffns[1].up_proj.weight is not vision.up_proj.weight
+    assert evf.router.weight.shape == (3, HIDDEN) and evf.router.bias is None
+    assert evf.coefficient is None
+    copied = ElasticVisionFFN(language_ffn=_mlp(), hidden_size=HIDDEN)
+    assert torch.equal(copied.vision_ffns[0].gate_proj.weight, copied.language_ffn.gate_proj.weight)
+    assert copied.vision_ffns[0].gate_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"allocation": "gbpr", "capacity_factor": 0.5},
+        {"allocation": "img_gbpr", "capacity_factor": 0.7, "num_experts": 3, "top_k": 2},
+        {"allocation": "rts", "capacity_factor": 0.4, "num_experts": 4, "seed": 3},
+        {"allocation": "modality", "num_experts": 3},
+    ],
+)
+def test_stats_add_up(options):
+    evf = _evf(**options).train()
+    x, mask = _batch(seed=6, batch=3, seq_len=7)
+    stats = evf(x, mask).stats
+    top_k = evf.top_k
+    assert stats.routed_image.sum() == mask.sum() * top_k
+    assert stats.routed_text.sum() == (~mask).sum() * top_k
+    assert stats.tokens_per_expert.sum() == x.shape[0] * x.shape[1] * top_k
+    assert torch.equal(stats.kept_image + stats.dropped_image, stats.routed_image)
+    assert (stats.dropped_image >= 0).all() and (stats.dropped_text >= 0).all()
+    assert ((stats.kept_image + stats.kept_text) <= stats.capacity).all()
+    assert stats.entropy.dim() == 0 and 0 < stats.entropy <= torch.log(torch.tensor(float(evf.num_experts)))
+    if options["allocation"] == "modality":
+        assert stats.routed_image[0] == 0 and stats.routed_text[1:].sum() == 0
+    else:
+        assert (stats.dropped_image + stats.dropped_text).sum() > 0
+
+
+def test_eval_mode_uses_the_eval_capacity_factor():
+    evf = _evf(allocation="gbpr", capacity_factor=0.5, eval_capacity_factor=3.0)
+    x, mask = _batch(seed=7)
+    assert evf.train()(x, mask).stats.capacity == 3
+    assert evf.eval()(x, mask).stats.capacity == 18
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"num_experts": 1}, "num_experts=1"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"top_k": 3}, "top_k=3"),
+        ({"allocation": "fifo"}, "'fifo'"),
+        ({"allocation": "modality", "num_experts": 3, "top_k": 2}, "top_k=2"),
+        ({"capacity_factor": 0.0}, "capacity_factor=0.0"),
+        ({"eval_capacity_factor": -1.0}, "eval_capacity_factor=-1.0"),
+        ({"min_capacity": -1}, "min_capacity=-1"),
+        ({"combine": "mean"}, "'mean'"),
+        ({"combine": "hard", "num_experts": 3, "top_k": 2}, "combine='hard'"),
+        ({"balance_loss": "kl"}, "'kl'"),
+    ],
+)
+def test_bad_options_raise_config_error(options, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        ElasticVisionFFN(language_ffn=_mlp(), hidden_size=HIDDEN, **options)
