@@ -73,7 +73,6 @@ MIN_CAPACITY = 4
 ROUTER_STD = 0.02
 AUX_WEIGHT = 0.01
 THREADS = 2
-LAYERS = ("dense", "evf", "deepspeed", "deepspeed-einsum")
 MODES = ("fwd", "fwd_bwd")
 CASE_TIMEOUT_S = 600
 
@@ -129,8 +128,16 @@ class EinsumTop1MoE(nn.Module):
     Shape letters: S tokens, E experts, C capacity, M = D model size.
     """
 
-    def __init__(self, *, expert: nn.Module, hidden_size: int, num_experts: int, capacity_factor: float,
-                 eval_capacity_factor: float, min_capacity: int) -> None:
+    def __init__(
+        self,
+        *,
+        expert: nn.Module,
+        hidden_size: int,
+        num_experts: int,
+        capacity_factor: float,
+        eval_capacity_factor: float,
+        min_capacity: int,
+    ) -> None:
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False).float()
         self.experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
@@ -148,7 +155,9 @@ class EinsumTop1MoE(nn.Module):
         dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.type_as(x), x)  # (E, C, M)
         dispatched = dispatched.reshape(1, self.num_experts, -1, d_model)  # ecm -> gecm, g = ep_size = 1
         chunks = dispatched.chunk(self.num_experts, dim=1)
-        expert_output = torch.cat([ffn(chunk) for chunk, ffn in zip(chunks, self.experts, strict=True)], dim=1)
+        expert_output = torch.cat(
+            [ffn(chunk) for chunk, ffn in zip(chunks, self.experts, strict=True)], dim=1
+        )
         expert_output = expert_output.reshape(self.num_experts, -1, d_model)  # (E, C, M)
         combined = torch.einsum("sec,ecm->sm", combine_weights.type_as(x), expert_output)  # (S, M)
         return combined.reshape(hidden_states.shape), l_aux, exp_counts
@@ -196,59 +205,96 @@ def init_distributed() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
+def _build_dense(ffn: nn.Module) -> tuple[nn.Module, Step, str]:
+    return ffn, lambda x, mask: (ffn(x), None, None), f"transformers-{_version('transformers')}-LlamaMLP"
+
+
+def _build_evf(ffn: nn.Module) -> tuple[nn.Module, Step, str]:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from eve_vlm.model.evf import ElasticVisionFFN
+
+    evf = ElasticVisionFFN(
+        language_ffn=ffn,
+        hidden_size=HIDDEN_SIZE,
+        num_experts=NUM_EXPERTS,
+        top_k=1,
+        allocation="img_gbpr",
+        capacity_factor=CAPACITY_FACTOR,
+        eval_capacity_factor=EVAL_CAPACITY_FACTOR,
+        min_capacity=MIN_CAPACITY,
+    )
+    with torch.no_grad():
+        evf.router.weight.copy_(router_weight())
+
+    def step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
+        out = evf(x, mask)
+        return out.hidden_states, out.aux_loss, out.stats.tokens_per_expert.tolist()
+
+    return evf, step, "eve_vlm-ElasticVisionFFN-img_gbpr"
+
+
+def _build_deepspeed(ffn: nn.Module) -> tuple[nn.Module, Step, str]:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed()
+    from deepspeed.moe.layer import MoE
+
+    moe = MoE(
+        hidden_size=HIDDEN_SIZE,
+        expert=ffn,
+        num_experts=NUM_EXPERTS,
+        ep_size=1,
+        k=1,
+        capacity_factor=CAPACITY_FACTOR,
+        eval_capacity_factor=EVAL_CAPACITY_FACTOR,
+        min_capacity=MIN_CAPACITY,
+        use_residual=False,
+    )
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(router_weight())
+    moe.deepspeed_moe.experts.deepspeed_experts[0].requires_grad_(False)  # the language expert, as in EVF
+    return moe, _moe_step(moe), f"deepspeed-{_version('deepspeed')}"
+
+
+def _build_einsum(ffn: nn.Module) -> tuple[nn.Module, Step, str]:
+    moe = EinsumTop1MoE(
+        expert=ffn,
+        hidden_size=HIDDEN_SIZE,
+        num_experts=NUM_EXPERTS,
+        capacity_factor=CAPACITY_FACTOR,
+        eval_capacity_factor=EVAL_CAPACITY_FACTOR,
+        min_capacity=MIN_CAPACITY,
+    )
+    with torch.no_grad():
+        moe.wg.weight.copy_(router_weight())
+    moe.experts[0].requires_grad_(False)  # the language expert, as in EVF
+    return moe, _moe_step(moe), "reimpl-0.9.5"
+
+
+def _moe_step(moe: nn.Module) -> Step:
+    """Step of a DeepSpeed-style layer, which returns `(out, l_aux, exp_counts)` and ignores the image mask."""
+
+    def step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
+        out, l_aux, exp_counts = moe(x)
+        return out, l_aux, exp_counts.tolist()
+
+    return step
+
+
+BUILDERS: dict[str, Callable[[nn.Module], tuple[nn.Module, Step, str]]] = {
+    "dense": _build_dense,
+    "evf": _build_evf,
+    "deepspeed": _build_deepspeed,
+    "deepspeed-einsum": _build_einsum,
+}
+LAYERS = tuple(BUILDERS)
+
+
 def build(layer: str) -> tuple[nn.Module, Step, str]:
     """Return the module, a step `(x, image_mask) -> (out, aux, tokens_per_expert)` and an impl label."""
-    ffn = make_ffn()
-    if layer == "dense":
-        impl = f"transformers-{_version('transformers')}-LlamaMLP"
-        return ffn, lambda x, mask: (ffn(x), None, None), impl
-    if layer == "evf":
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        from eve_vlm.model.evf import ElasticVisionFFN
-
-        evf = ElasticVisionFFN(language_ffn=ffn, hidden_size=HIDDEN_SIZE, num_experts=NUM_EXPERTS, top_k=1,
-                               allocation="img_gbpr", capacity_factor=CAPACITY_FACTOR,
-                               eval_capacity_factor=EVAL_CAPACITY_FACTOR, min_capacity=MIN_CAPACITY)
-        with torch.no_grad():
-            evf.router.weight.copy_(router_weight())
-
-        def evf_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
-            out = evf(x, mask)
-            return out.hidden_states, out.aux_loss, out.stats.tokens_per_expert.tolist()
-
-        return evf, evf_step, "eve_vlm-ElasticVisionFFN-img_gbpr"
-    if layer == "deepspeed":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        init_distributed()
-        from deepspeed.moe.layer import MoE
-
-        moe = MoE(hidden_size=HIDDEN_SIZE, expert=ffn, num_experts=NUM_EXPERTS, ep_size=1, k=1,
-                  capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=EVAL_CAPACITY_FACTOR,
-                  min_capacity=MIN_CAPACITY, use_residual=False)
-        with torch.no_grad():
-            moe.deepspeed_moe.gate.wg.weight.copy_(router_weight())
-        moe.deepspeed_moe.experts.deepspeed_experts[0].requires_grad_(False)
-
-        def ds_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
-            out, l_aux, exp_counts = moe(x)
-            return out, l_aux, exp_counts.tolist()
-
-        return moe, ds_step, f"deepspeed-{_version('deepspeed')}"
-    if layer == "deepspeed-einsum":
-        moe = EinsumTop1MoE(expert=ffn, hidden_size=HIDDEN_SIZE, num_experts=NUM_EXPERTS,
-                            capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=EVAL_CAPACITY_FACTOR,
-                            min_capacity=MIN_CAPACITY)
-        with torch.no_grad():
-            moe.wg.weight.copy_(router_weight())
-        moe.experts[0].requires_grad_(False)
-
-        def einsum_step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
-            out, l_aux, exp_counts = moe(x)
-            return out, l_aux, exp_counts.tolist()
-
-        return moe, einsum_step, "reimpl-0.9.5"
-    raise ValueError(f"unknown layer {layer!r}; choose from {list(LAYERS)}")
+    if layer not in BUILDERS:
+        raise ValueError(f"unknown layer {layer!r}; choose from {list(LAYERS)}")
+    return BUILDERS[layer](make_ffn())
 
 
 # ------------------------------------------------------------------------------------------- memory, timing
@@ -359,8 +405,18 @@ def skip_reason(layer: str) -> str | None:
 
 
 def run_in_subprocess(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--_case", layer, str(tokens), mode,
-               "--repeats", str(repeats), "--warmup", str(warmup)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_case",
+        layer,
+        str(tokens),
+        mode,
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+    ]
     base = {"layer": layer, "tokens": tokens, "mode": mode}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
@@ -388,8 +444,10 @@ def ratios(records: list[dict]) -> list[dict]:
         for other in ("dense", "deepspeed", "deepspeed-einsum"):
             ref = table.get((other, tokens, mode))
             if ref is not None:
-                row[f"evf/{other}"] = {"ms": _ratio(evf["ms"], ref["ms"]),
-                                       "peak_mb": _ratio(evf["peak_mb"], ref["peak_mb"])}
+                row[f"evf/{other}"] = {
+                    "ms": _ratio(evf["ms"], ref["ms"]),
+                    "peak_mb": _ratio(evf["peak_mb"], ref["peak_mb"]),
+                }
         rows.append(row)
     return rows
 
@@ -407,10 +465,20 @@ def parity_check(tokens: int = 512) -> None:
                 print(json.dumps({"check": layer, "skipped": reason}))
                 continue
             module, step, impl = build(layer)
-            out, _, routed = step(x, image_mask.clone())
+            module.eval()
+            out, _, routed = step(x, image_mask)
             error = (out - expected).abs().max().item()
-            print(json.dumps({"check": layer, "impl": impl, "max_abs_err": error, "ok": error < 1e-5,
-                              "tokens_per_expert": routed}))
+            print(
+                json.dumps(
+                    {
+                        "check": layer,
+                        "impl": impl,
+                        "max_abs_err": error,
+                        "ok": error < 1e-5,
+                        "tokens_per_expert": routed,
+                    }
+                )
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -420,7 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case before timing")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS, help="layers to measure")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="fwd and/or fwd_bwd")
-    parser.add_argument("--check", action="store_true", help="only check that the MoE layers agree; no timing")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that the MoE layers agree; no timing"
+    )
     parser.add_argument("--_case", nargs=3, metavar=("LAYER", "TOKENS", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -140,12 +140,12 @@ def _position(router_probs, expert_idx, image_mask, capacity, *, seq_len, genera
 def _bpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
     num_tokens, top_k = expert_idx.shape
     num_experts = router_probs.shape[-1]
-    seq = (torch.arange(num_tokens, device=expert_idx.device) // seq_len)[:, None].expand(num_tokens, top_k)
-    choice = torch.arange(top_k, device=expert_idx.device).expand(num_tokens, top_k)
+    seq = (torch.arange(num_tokens, device=expert_idx.device) // seq_len)[:, None]
+    choice = torch.arange(top_k, device=expert_idx.device)
     group = (seq * num_experts + expert_idx) * top_k + choice
     neg_conf = -_confidence(router_probs, expert_idx)
     rank_in_seq = _rank_within_groups(group.reshape(-1), (neg_conf.reshape(-1),)).view(num_tokens, top_k)
-    return _keep_within_capacity(expert_idx, capacity, rank_in_seq, seq)
+    return _keep_within_capacity(expert_idx, capacity, rank_in_seq)  # equal ranks: earlier sequence first
 
 
 def _gbpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
@@ -181,4 +181,6 @@ def get_policy(name: str) -> Callable[..., Tensor]:
     try:
         return ALLOCATION_POLICIES[name]
     except KeyError:
-        raise ConfigError(f"allocation={name!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}.") from None
+        raise ConfigError(
+            f"allocation={name!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}."
+        ) from None

@@ -160,7 +160,7 @@ def insert_evf_layers(language_model: nn.Module, evf: EvfConfig) -> list[int]:
     resolve_placement(evf.layers, len(layers))  # range check
     hidden_size = int(language_model.config.hidden_size)
     for i in evf.layers:
-        layers[i] = to_eve_layer(layers[i], i, evf, hidden_size)
+        layers[i] = to_eve_layer(layers[i], i, evf, hidden_size).train(layers[i].training)
     return list(evf.layers)
 
 

@@ -139,9 +139,13 @@ class ElasticVisionFFN(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine)
+        _validate(
+            num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine
+        )
         if balance_loss not in BALANCE_LOSSES:
-            raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")
+            raise ConfigError(
+                f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}."
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -209,7 +213,9 @@ class ElasticVisionFFN(nn.Module):
         zeros = torch.zeros(self.num_experts, dtype=torch.long, device=device)
         text = zeros.clone()
         text[0] = num_tokens
-        stats = RoutingStats(zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device))
+        stats = RoutingStats(
+            zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device)
+        )
         return EVFOutput(self.language_ffn(hidden_states), torch.zeros((), device=device), stats)
 
     def _capacity(self, num_assignments: int) -> int:
@@ -222,7 +228,7 @@ class ElasticVisionFFN(nn.Module):
         if self.combine == "hard":
             return torch.ones_like(weights)
         if self.top_k > 1:
-            return weights
+            return weights / weights.sum(dim=-1, keepdim=True)
         return weights
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor, weights: Tensor) -> Tensor:
@@ -255,11 +261,15 @@ class ElasticVisionFFN(nn.Module):
 
 def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine):
     if num_experts < 2:
-        raise ConfigError(f"num_experts={num_experts} must be >= 2 (the language FFN and at least one vision FFN).")
+        raise ConfigError(
+            f"num_experts={num_experts} must be >= 2 (the language FFN and at least one vision FFN)."
+        )
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"top_k={top_k} must be between 1 and num_experts={num_experts}.")
     if allocation not in ALLOCATION_POLICIES:
-        raise ConfigError(f"allocation={allocation!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}.")
+        raise ConfigError(
+            f"allocation={allocation!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}."
+        )
     if allocation == "modality" and top_k != 1:
         raise ConfigError(f"top_k={top_k} is not allowed with allocation='modality'; it needs top_k=1.")
     for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
@@ -270,7 +280,9 @@ def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_fac
     if combine not in COMBINE_MODES:
         raise ConfigError(f"combine={combine!r} is unknown; choose one of {list(COMBINE_MODES)}.")
     if combine == "hard" and top_k != 1:
-        raise ConfigError(f"combine='hard' needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1.")
+        raise ConfigError(
+            f"combine='hard' needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1."
+        )
 
 
 def _routing_stats(

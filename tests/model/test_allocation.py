@@ -56,7 +56,10 @@ def test_policy_matches_reference(policy):
     for trial in range(30):
         num_experts = [2, 3, 4][trial % 3]
         top_k = 1 + trial % 2
-        num_seqs, seq_len = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
+        num_seqs, seq_len = (
+            int(torch.randint(1, 4, (1,), generator=gen)),
+            int(torch.randint(1, 12, (1,), generator=gen)),
+        )
         probs, expert_idx, image_mask = _random_case(
             gen,
             num_experts=num_experts,
@@ -69,7 +72,12 @@ def test_policy_matches_reference(policy):
         capacity = int(torch.randint(0, num_seqs * seq_len + 2, (1,), generator=gen))
         seed = 1000 + trial
         keep = ALLOCATION_POLICIES[policy](
-            probs, expert_idx, image_mask, capacity, seq_len=seq_len, generator=torch.Generator().manual_seed(seed)
+            probs,
+            expert_idx,
+            image_mask,
+            capacity,
+            seq_len=seq_len,
+            generator=torch.Generator().manual_seed(seed),
         )
         rand = torch.rand(expert_idx.shape, generator=torch.Generator().manual_seed(seed))
         expected = _reference_keep(policy, probs, expert_idx, image_mask, capacity, seq_len, rand)
@@ -92,7 +100,9 @@ def test_capacity_holds_exactly(policy):
 @pytest.mark.parametrize("policy", [*CAPACITY_POLICIES, "modality"])
 def test_nothing_dropped_with_two_experts_at_eval_capacity(policy):
     gen = torch.Generator().manual_seed(2)
-    probs, expert_idx, image_mask = _random_case(gen, num_experts=2, top_k=1, num_seqs=4, seq_len=9, image_share=0.5)
+    probs, expert_idx, image_mask = _random_case(
+        gen, num_experts=2, top_k=1, num_seqs=4, seq_len=9, image_share=0.5
+    )
     probs[:, 1] = 1.0  # even a fully unbalanced router fits: capacity = S
     probs[:, 0] = 0.0
     expert_idx, _ = assign_experts(probs, image_mask, top_k=1, allocation=policy)
@@ -131,7 +141,9 @@ def test_first_choices_outrank_second_choices():
 
 def test_bpr_serves_every_sequence_before_any_second_token():
     # 3 sequences of 4 tokens, all to expert 1; sequence 0 is the most confident everywhere.
-    probs = torch.tensor([[0.0, p] for p in [0.99, 0.98, 0.97, 0.96, 0.6, 0.5, 0.4, 0.3, 0.7, 0.2, 0.1, 0.05]])
+    probs = torch.tensor(
+        [[0.0, p] for p in [0.99, 0.98, 0.97, 0.96, 0.6, 0.5, 0.4, 0.3, 0.7, 0.2, 0.1, 0.05]]
+    )
     expert_idx = torch.ones(12, 1, dtype=torch.long)
     mask = torch.ones(12, dtype=torch.bool)
     keep_bpr = get_policy("bpr")(probs, expert_idx, mask, 3, seq_len=4, generator=None)
@@ -142,9 +154,13 @@ def test_bpr_serves_every_sequence_before_any_second_token():
 
 def test_rts_is_reproducible_with_a_seeded_generator():
     gen = torch.Generator().manual_seed(4)
-    probs, expert_idx, mask = _random_case(gen, num_experts=2, top_k=1, num_seqs=4, seq_len=16, image_share=0.5)
+    probs, expert_idx, mask = _random_case(
+        gen, num_experts=2, top_k=1, num_seqs=4, seq_len=16, image_share=0.5
+    )
     runs = [
-        get_policy("rts")(probs, expert_idx, mask, 10, seq_len=16, generator=torch.Generator().manual_seed(seed))
+        get_policy("rts")(
+            probs, expert_idx, mask, 10, seq_len=16, generator=torch.Generator().manual_seed(seed)
+        )
         for seed in (7, 7, 8)
     ]
     assert torch.equal(runs[0], runs[1])
@@ -186,7 +202,14 @@ def test_unknown_policy_is_a_config_error_naming_it():
 
 @pytest.mark.parametrize(
     ("num_tokens", "num_experts", "factor", "min_capacity", "expected"),
-    [(10, 2, 1.5, 0, 8), (10, 2, 2.0, 0, 10), (7, 3, 1.0, 0, 3), (6, 3, 1.0, 0, 2), (4, 2, 1.0, 5, 5), (0, 2, 1.5, 0, 0)],
+    [
+        (10, 2, 1.5, 0, 8),
+        (10, 2, 2.0, 0, 10),
+        (7, 3, 1.0, 0, 3),
+        (6, 3, 1.0, 0, 2),
+        (4, 2, 1.0, 5, 5),
+        (0, 2, 1.5, 0, 0),
+    ],
 )
 def test_expert_capacity(num_tokens, num_experts, factor, min_capacity, expected):
     assert expert_capacity(num_tokens, num_experts, factor, min_capacity) == expected

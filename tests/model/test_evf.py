@@ -16,7 +16,9 @@ HIDDEN = 16
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2
+    )
     return LlamaMLP(config)
 
 
@@ -102,7 +104,9 @@ def test_top2_soft_combine_renormalises_over_the_chosen_experts():
     weights, expert_idx = (tokens @ evf.router.weight.T).softmax(-1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     for s in range(len(tokens)):
-        expected = sum(weights[s, k] * evf.experts[int(expert_idx[s, k])](tokens[s : s + 1])[0] for k in range(2))
+        expected = sum(
+            weights[s, k] * evf.experts[int(expert_idx[s, k])](tokens[s : s + 1])[0] for k in range(2)
+        )
         torch.testing.assert_close(out[s], expected)
 
 
@@ -117,13 +121,13 @@ def test_residual_mode_matches_the_formula():
     torch.testing.assert_close(evf(x, mask).hidden_states, expected)
 
 
-@pytest.mark.parametrize("num_experts", [2, 3])
-def test_balance_losses_match_hand_computation(num_experts):
+@pytest.mark.parametrize(("num_experts", "top_k"), [(2, 1), (3, 1), (3, 2)])
+def test_balance_losses_match_hand_computation(num_experts, top_k):
     x, mask = _batch(seed=4, batch=2, seq_len=8)
     tokens = x.reshape(-1, HIDDEN)
     losses = {}
     for kind in ("switch", "l1", "none"):
-        evf = _evf(num_experts=num_experts, balance_loss=kind)
+        evf = _evf(num_experts=num_experts, top_k=top_k, balance_loss=kind)
         losses[kind] = evf(x, mask).aux_loss
         probs = (tokens @ evf.router.weight.T).softmax(-1)
     mean_prob = probs.mean(0)

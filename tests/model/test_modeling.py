@@ -1,0 +1,230 @@
+"""EveForConditionalGeneration on tiny random configs: every LM family x tower x projector, parity with the
+plain model and the base transformers LM, gradient checkpointing, KV cache, save/load, errors."""
+
+import copy
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN_ID, image_batch, text_batch, tiny_eve_config, tiny_model
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from eve_vlm.errors import CheckpointError, ConfigError, ImageSizeError, ImageTokenMismatchError
+from eve_vlm.model import EveConfig, EveForConditionalGeneration
+from eve_vlm.model.decoder_layer import EveDecoderLayer
+from eve_vlm.model.params import parameter_counts
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "ldp", "ldpv2"])
+@pytest.mark.parametrize("tower", ["clip", "siglip", "dinov2"])
+def test_forward_loss_backward_generate(family, tower, projector):
+    model = tiny_model(family, tower, projector)
+    model.add_elastic_vision_ffns("alternate")
+    model.train()
+    ids, pixels = image_batch(model.config)
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)
+    assert out.logits.shape == (*ids.shape, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.loss) and out.aux_loss > 0
+    assert sorted(out.routing) == [0, 2]
+    out.loss.backward()
+    assert model.projector[0].weight.grad is not None if projector == "mlp2x_gelu" else True
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("projector" in name or "router" in name):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None for p in model.vision_tower.parameters())  # frozen
+    model.eval()
+    gen = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (ids.shape[0], ids.shape[1] + 4)
+    assert (gen[:, ids.shape[1] :] < model.config.text_config.vocab_size).all()
+
+
+def test_image_tokens_per_projector():
+    assert tiny_eve_config(projector="mlp2x_gelu").num_image_tokens == 16  # 32 px / 8 px patches = 4x4
+    assert tiny_eve_config(projector="ldp").num_image_tokens == 4  # stride 2
+    assert tiny_eve_config(projector="ldpv2").num_image_tokens == 4  # pooled to a 2x2 grid
+    model = tiny_model(projector="ldp")
+    ids, pixels = image_batch(model.config)
+    assert model.get_image_features(pixels).shape == (2, 4, 32)
+
+
+def test_text_only_logits_equal_base_lm(family):
+    model = tiny_model(family)
+    base = AutoModelForCausalLM.from_config(model.config.text_config).eval()
+    base.load_state_dict(model.language_model.state_dict())
+    ids = text_batch()
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, expected)
+        model.add_elastic_vision_ffns("all", allocation="img_gbpr")
+        for mode in (model.eval, model.train):
+            mode()
+            assert torch.equal(model(input_ids=ids).logits, expected)
+    assert_close(model.eval()(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("allocation", ["img_gbpr", "gbpr", "bpr", "rts", "position", "modality"])
+def test_evf_insertion_parity_hard_combine(family, allocation):
+    model = tiny_model(family)
+    plain = copy.deepcopy(model)
+    model.add_elastic_vision_ffns("alternate", combine="hard", allocation=allocation)
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+        assert_close(out.logits, plain(input_ids=ids, pixel_values=pixels).logits)
+        assert sum(int(s.kept_image[1:].sum()) for s in out.routing.values()) > 0  # a vision FFN ran
+        texts = text_batch()
+        assert torch.equal(model(input_ids=texts).logits, plain(input_ids=texts).logits)
+
+
+def test_parameter_names_of_base_lm_unchanged_except_evf():
+    model = tiny_model()
+    before = set(model.language_model.state_dict())
+    model.add_elastic_vision_ffns([1])
+    after = set(model.language_model.state_dict())
+    assert {k for k in before if ".layers.1.mlp." not in k} <= after
+    assert any(".layers.1.mlp.language_ffn.gate_proj.weight" in k for k in after)
+    assert isinstance(model.language_model.model.layers[1], EveDecoderLayer)
+
+
+def _loss_and_grads(model, ids, pixels):
+    model.zero_grad()
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.aux_loss.detach(), grads
+
+
+@pytest.mark.parametrize("allocation", ["img_gbpr", "rts"])
+def test_gradient_checkpointing_same_loss_and_grads(allocation):
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate", allocation=allocation, capacity_factor=0.6)
+    model.train()
+    ids, pixels = image_batch(model.config)
+    torch.manual_seed(1)
+    loss, aux, grads = _loss_and_grads(model, ids, pixels)
+    model.activation_checkpointing_enable()  # transformers' default: non-reentrant
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    torch.manual_seed(1)
+    loss_ckpt, aux_ckpt, grads_ckpt = _loss_and_grads(model, ids, pixels)
+    assert_close(loss_ckpt, loss)
+    assert_close(aux_ckpt, aux)
+    assert grads.keys() == grads_ckpt.keys()
+    assert any("vision_ffns" in n for n in grads) and any("router" in n for n in grads)
+    for name in grads:
+        assert_close(grads_ckpt[name], grads[name], msg=name)
+
+
+def test_kv_cache_generation_equals_no_cache(family):
+    model = tiny_model(family)
+    model.add_elastic_vision_ffns("alternate")
+    ids, pixels = image_batch(model.config)
+    kwargs = dict(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    with_cache = model.generate(**kwargs, use_cache=True)
+    without = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_generate_text_only_equals_base_lm():
+    model = tiny_model()
+    base = copy.deepcopy(model.language_model)
+    model.add_elastic_vision_ffns("alternate")
+    ids = text_batch(1, 5)
+    ours = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    theirs = base.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("evf", [False, True])
+def test_save_load_round_trip(tmp_path, family, evf):
+    model = tiny_model(family, projector="ldp")
+    if evf:
+        model.add_elastic_vision_ffns("alternate", allocation="bpr", num_experts=3)
+        torch.nn.init.normal_(model.evf_layers[0].vision_ffns[0].up_proj.weight)
+    model.save_pretrained(tmp_path)
+    for loader in (EveForConditionalGeneration, AutoModelForImageTextToText):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert type(loaded) is EveForConditionalGeneration
+        ids, pixels = image_batch(model.config)
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, model(input_ids=ids, pixel_values=pixels).logits)
+    assert AutoConfig.from_pretrained(tmp_path).evf == model.config.evf
+    assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
+
+
+def test_checkpoint_mismatch_raises(tmp_path):
+    plain = tiny_model()
+    plain.save_pretrained(tmp_path / "plain")
+    config = EveConfig.from_pretrained(tmp_path / "plain")
+    config.evf = {"layers": [0]}
+    config.save_pretrained(tmp_path / "plain")  # config now expects EVF weights that the file lacks
+    with pytest.raises(CheckpointError, match="missing"):
+        EveForConditionalGeneration.from_pretrained(tmp_path / "plain")
+
+    evf = tiny_model()
+    evf.add_elastic_vision_ffns([0])
+    evf.save_pretrained(tmp_path / "evf")
+    config = EveConfig.from_pretrained(tmp_path / "evf")
+    config.evf = None
+    config.save_pretrained(tmp_path / "evf")  # weights have EVF keys the config does not know
+    with pytest.raises(CheckpointError, match="unexpected"):
+        EveForConditionalGeneration.from_pretrained(tmp_path / "evf")
+
+
+def test_parameter_counts():
+    model = tiny_model()
+    plain = parameter_counts(model)
+    assert plain.active_text_token == plain.language_model
+    model.add_elastic_vision_ffns("alternate")
+    counts = parameter_counts(model)
+    ffn = sum(p.numel() for p in model.evf_layers[0].language_ffn.parameters())
+    assert counts.vision_ffns == 2 * ffn
+    assert counts.routers == 2 * 2 * 32
+    assert counts.total == plain.total + counts.vision_ffns + counts.routers
+    assert counts.active_text_token == plain.active_text_token
+    assert counts.active_image_token == counts.vision_tower + counts.projector + plain.language_model + counts.routers
+    assert counts.trainable == counts.total - counts.vision_tower - 2 * ffn
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+def test_image_count_mismatch_raises():
+    model = tiny_model()
+    ids, pixels = image_batch(model.config, images_per_row=1)
+    with pytest.raises(ImageTokenMismatchError, match="3 image"):
+        model(input_ids=ids, pixel_values=torch.cat([pixels, pixels[:1]]))
+    with pytest.raises(ImageTokenMismatchError, match="no pixel_values"):
+        model(input_ids=ids)
+
+
+def test_wrong_image_size_raises():
+    model = tiny_model()
+    ids, _ = image_batch(model.config)
+    with pytest.raises(ImageSizeError, match=r"image_size=32"):
+        model(input_ids=ids, pixel_values=torch.randn(2, 3, 48, 48))
+
+
+def test_unknown_names_and_bad_indices_raise():
+    with pytest.raises(ConfigError, match="projector_type='mlp3x'"):
+        tiny_eve_config(projector="mlp3x")
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="'gpbr' is unknown"):
+        model.add_elastic_vision_ffns("alternate", allocation="gpbr")
+    with pytest.raises(ConfigError, match=r"\[4, 9\] out of range.*4 decoder layers"):
+        model.add_elastic_vision_ffns([0, 4, 9])
+    with pytest.raises(ConfigError, match="placement 'odd'"):
+        model.add_elastic_vision_ffns("odd")
+    with pytest.raises(ConfigError, match="Unknown EVF option"):
+        model.add_elastic_vision_ffns("alternate", capacity=3)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        tiny_eve_config(image_size=30)
+    model.add_elastic_vision_ffns([1])
+    with pytest.raises(ConfigError, match="already"):
+        model.add_elastic_vision_ffns([2])
+
+
+def test_placeholder_id_outside_vocab_is_never_embedded():
+    model = tiny_model()
+    assert model.config.image_token_id == IMAGE_TOKEN_ID == model.get_input_embeddings().num_embeddings
+    ids, pixels = image_batch(model.config)
+    labels = ids.clone()
+    out = model(input_ids=ids, pixel_values=pixels, labels=labels)  # placeholder labels are ignored, not indexed
+    assert torch.isfinite(out.loss)
