@@ -26,18 +26,25 @@ process's peak resident set size during warm-up and timed repeats minus its resi
 (after imports, building the layer and the input): the kernel's peak counter is reset through
 `/proc/self/clear_refs` where allowed (`mem_method: vmhwm-reset`), else `ru_maxrss` delta (`ru_maxrss-delta`,
 which can under-read when setup peaked higher). Output: one JSON line per case, then one line of ratios (EVF
-time and peak memory divided by each other layer's). Timings depend on the machine (CPU, BLAS, threads, load);
-compare numbers only from one run on one machine.
+time and peak memory divided by each other layer's). Timings depend on the machine (CPU, BLAS, threads) and on
+whatever else runs on it: each record carries the 1-minute load average before and after the case
+(`load_1m`); on a 2-core machine a load above ~2 means the case shared the CPU. Compare numbers only from one
+run on one idle machine.
 
-Run it (its own venv, so DeepSpeed does not touch the project's environment; CPU torch only):
+Run it from the repository root, in its own venv so DeepSpeed stays out of the project's environment (CPU
+torch only):
 
     python3 -m venv /work/bench-venv && source /work/bench-venv/bin/activate
-    pip install torch==2.13.0              # the CPU wheel; never let pip pull a CUDA torch or torchvision
-    pip install deepspeed transformers     # then check: pip list | grep -i torch  ->  2.13.0+cpu
-    pip install -e . --no-deps             # or rely on this script putting the repo root on sys.path
-    python benchmarks/evf_layer.py         # all layers at 512, 2048 and 8192 tokens, < 10 min on 2 cores
+    pip install torch==2.13.0     # the CPU wheel first; never let pip pull a CUDA torch or torchvision
+    pip install deepspeed -e .    # DeepSpeed, and eve_vlm with its dependencies (transformers, peft, pillow...)
+    pip list | grep -i torch      # must still show 2.13.0+cpu and no torchvision
+    python benchmarks/evf_layer.py           # 4 layers x 512/2048/8192 tokens x 2 modes, ~7 min on 2 cores
     python benchmarks/evf_layer.py --tokens 512 --repeats 3 --layers dense evf
-    python benchmarks/evf_layer.py --check # parity check of the MoE layers (all equal p * FFN(x)), no timing
+    python benchmarks/evf_layer.py --check   # parity: every MoE layer equals p * FFN(x) here; no timing
+
+Without DeepSpeed installed the `deepspeed` layer is skipped with a printed reason; `deepspeed-einsum` needs only
+torch. The script puts the repository root on `sys.path`, so an uninstalled checkout works too once eve_vlm's
+dependencies are installed.
 """
 
 from __future__ import annotations
@@ -358,6 +365,7 @@ def run_case(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> d
         for p in params:
             p.grad = None
 
+    load_before = os.getloadavg()[0]
     memory = PeakMemory()
     memory.start()
     for _ in range(warmup):
@@ -380,6 +388,7 @@ def run_case(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> d
         "repeats": repeats,
         "warmup": warmup,
         "threads": torch.get_num_threads(),
+        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "trainable_params": sum(p.numel() for p in params),
         "tokens_per_expert": routed,
         "torch": torch.__version__,

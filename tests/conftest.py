@@ -95,3 +95,37 @@ def text_batch(batch: int = 2, length: int = 10, seed: int = 0):
 @pytest.fixture(params=["llama", "qwen2"])
 def family(request):
     return request.param
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "what is the colour of shape in this image a an red blue green yellow circle square triangle "
+    "yes no does contain picture describe it there one two three"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with ChatML specials, built in memory (ids < VOCAB)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + ["\n", "user", "assistant", "system", *WORDS])}
+    assert len(vocab) < VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML
+    return tok

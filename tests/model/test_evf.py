@@ -220,3 +220,15 @@ def test_eval_mode_uses_the_eval_capacity_factor():
 def test_bad_options_raise_config_error(options, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
         ElasticVisionFFN(language_ffn=_mlp(), hidden_size=HIDDEN, **options)
+
+
+def test_bfloat16_input_keeps_its_dtype_and_stats_are_detached():
+    evf = _evf(use_residual=True).to(torch.bfloat16).train()
+    x, mask = _batch(seed=8)
+    out = evf(x.to(torch.bfloat16), mask)
+    assert out.hidden_states.dtype == torch.bfloat16 and out.hidden_states.shape == x.shape
+    assert out.aux_loss.dtype == torch.float32 and out.aux_loss.requires_grad
+    stats = out.stats
+    tensors = [stats.routed_image, stats.routed_text, stats.kept_image, stats.kept_text, stats.entropy]
+    assert not any(t.requires_grad for t in tensors)
+    assert stats.routed_image.dtype == torch.long

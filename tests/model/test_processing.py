@@ -1,0 +1,72 @@
+"""EveProcessor: <image> expansion, image preprocessing, count checks, save/load, and the model end to end."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from PIL import Image
+from transformers import AutoProcessor
+
+from eve_vlm.errors import ImageTokenMismatchError
+from eve_vlm.model import EveProcessor
+
+
+def make_processor(model):
+    cfg = model.config
+    return EveProcessor.from_parts(
+        tokenizer=tiny_tokenizer(),
+        vision_config=cfg.vision_config,
+        image_size=cfg.image_size,
+        num_image_tokens=cfg.num_image_tokens,
+    )
+
+
+def picture(seed=0, size=(40, 52)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def test_expands_each_image_marker_and_runs_the_model():
+    model = tiny_model(projector="ldp")
+    processor = make_processor(model)
+    model.config.image_token_id = processor.image_token_id
+    assert processor.image_token_id not in tiny_tokenizer().get_vocab().values()  # a new special token
+    batch = processor(["<image> what is the colour", "describe <image> and <image>"], images=[picture(0), picture(1), picture(2)])
+    n = model.config.num_image_tokens
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [n, 2 * n]
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["attention_mask"].sum(1).tolist() == [4 + n, 2 + 2 * n]
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_marker_count_mismatch_raises():
+    processor = make_processor(tiny_model())
+    with pytest.raises(ImageTokenMismatchError, match="2 '<image>' marker"):
+        processor("<image> <image> what", images=[picture()])
+    with pytest.raises(ImageTokenMismatchError, match="0 '<image>' marker"):
+        processor("what", images=[picture()])
+
+
+def test_normalisation_follows_the_tower():
+    for tower, mean in (("clip", 0.48145466), ("siglip", 0.5), ("dinov2", 0.485)):
+        processor = make_processor(tiny_model(tower=tower))
+        assert processor.image_processor.image_mean[0] == pytest.approx(mean)
+    flat = Image.new("RGB", (32, 32), (255, 255, 255))
+    values = make_processor(tiny_model(tower="siglip"))("<image>", images=[flat])["pixel_values"]
+    assert torch.allclose(values, torch.ones_like(values))  # (1 - 0.5) / 0.5
+
+
+def test_save_and_load_with_auto_processor(tmp_path):
+    model = tiny_model()
+    processor = make_processor(model)
+    processor.save_pretrained(tmp_path)
+    model.config.image_token_id = processor.image_token_id
+    model.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, EveProcessor)
+    assert loaded.num_image_tokens == processor.num_image_tokens
+    assert loaded.image_token_id == processor.image_token_id
+    text = "<image> what is in this image"
+    a, b = processor(text, images=[picture()]), loaded(text, images=[picture()])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
