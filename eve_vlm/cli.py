@@ -1,4 +1,4 @@
-"""The `eve` command: `eve demo`, `eve inspect MODEL_DIR`."""
+"""The `eve` command: `eve demo`, `eve train RECIPE [key=value ...]`, `eve export`, `eve inspect MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -44,12 +44,41 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from eve_vlm.train.recipe import load_recipe
+    from eve_vlm.train.stages import run_stage
+
+    run_stage(load_recipe(args.recipe, args.overrides))
+
+
+def _export(args: argparse.Namespace) -> None:
+    import eve_vlm  # noqa: F401
+    from eve_vlm.model import EveForConditionalGeneration, EveProcessor
+
+    model = EveForConditionalGeneration.from_pretrained(args.model_dir)
+    if args.merge:
+        merged = model.merge_lora()
+        print(f"merged {merged} LoRA layer(s) into dense weights")
+    model.save_pretrained(args.out)
+    EveProcessor.from_pretrained(args.model_dir).save_pretrained(args.out)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eve", description="Small VLMs with Elastic Vision FFNs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the model path end to end on tiny random parts")
     p.add_argument("--out", default="runs/demo", help="where to save the demo model")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="run one training stage from a YAML recipe")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart/stage1.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=10")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("export", help="write a model folder, optionally with LoRA merged into dense weights")
+    p.add_argument("model_dir")
+    p.add_argument("out")
+    p.add_argument("--merge", action="store_true", help="merge LoRA adapters (text path then changes)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("inspect", help="print a saved model's structure and parameter counts")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -124,6 +124,7 @@ class EveConfig(PreTrainedConfig):
         image_token: Text of the image placeholder.
         image_token_id: Token id of the placeholder (set by the processor builder).
         freeze_vision_tower: Keep the tower frozen (the default, as in the paper).
+        lora: peft `LoraConfig` options once stage 2 has added unmerged LoRA adapters, else None.
         evf: `EvfConfig` options as a dict once stage 3 has inserted EVF layers, else None.
         aux_loss_coef: Weight of the summed balance loss in the training loss.
     """
@@ -142,6 +143,7 @@ class EveConfig(PreTrainedConfig):
     image_token: str = "<image>"
     image_token_id: int | None = None
     freeze_vision_tower: bool = True
+    lora: dict | None = None
     evf: dict | None = None
     aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = False

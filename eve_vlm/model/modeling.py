@@ -17,6 +17,7 @@ Shapes: B batch, T tokens, N images, Ni tokens per image, D LM hidden size.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
 from eve_vlm.model.decoder_layer import RoutingRecorder, evf_modules, insert_evf_layers
 from eve_vlm.model.evf import RoutingStats
+from eve_vlm.model.lora import adapters_disabled, add_lora, lora_layers
 from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
 
@@ -86,6 +88,9 @@ class EvePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # The loss adds the EVF balance loss per micro-batch, so the Trainer must not expect a token-count-normalised
+    # loss (it divides by the gradient-accumulation steps instead).
+    accepts_loss_kwargs = False
 
 
 class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
@@ -108,6 +113,8 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             grid=config.projector_grid,
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.lora is not None:
+            add_lora(self.language_model, config.lora)
         if config.evf is not None:
             insert_evf_layers(self.language_model, config.evf_config)
         self.post_init()
@@ -133,6 +140,25 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
+
+    # --- stage 2 ----------------------------------------------------------------------------------------------
+    def add_lora(self, **options) -> None:
+        """Adds unmerged LoRA adapters to the language model (stage 2); `options` are `peft.LoraConfig` fields.
+
+        Batches without images run with the adapters off, so text-only outputs stay the base LLM's.
+        """
+        if self.config.lora is not None:
+            raise ConfigError("This model already has LoRA adapters.")
+        add_lora(self.language_model, options)
+        self.config.lora = {k: list(v) if isinstance(v, (set, tuple)) else v for k, v in options.items()}
+
+    def merge_lora(self) -> int:
+        """Merges the LoRA adapters into dense weights (the text path then changes); returns how many."""
+        from eve_vlm.model.lora import merge_lora
+
+        merged = merge_lora(self.language_model)
+        self.config.lora = None
+        return merged
 
     # --- stage 3 ----------------------------------------------------------------------------------------------
     def add_elastic_vision_ffns(self, placement: str | list[int] = "alternate", **options) -> list[int]:
@@ -174,6 +200,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -185,6 +212,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             input_ids: (B, T) token ids with `image_token_id` placeholders.
             pixel_values: (N, 3, H, W), one per image, in placeholder order.
             image_mask: (B, T) bool; only needed with `inputs_embeds` (else derived from `input_ids`).
+            has_image: (B,) bool, whether each sequence holds an image anywhere, the KV cache included.
+                Default: whether its tokens here hold one. `generate` passes it, so decoding steps after an
+                image prompt keep the multimodal path (LoRA on, EVF routing) although new tokens are text.
             labels: (B, T) targets, -100 where ignored (placeholder positions are always ignored); shifted
                 inside like transformers' causal LMs.
         """
@@ -194,6 +224,8 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         elif image_mask is None:
             image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        if has_image is None:
+            has_image = image_mask.any(dim=1)
 
         image_features = None
         if pixel_values is not None:
@@ -207,25 +239,23 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         recorder = None
         if self.config.evf is not None:
             recorder = RoutingRecorder()
-            kwargs.update(image_mask=image_mask, routing_recorder=recorder)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+            kwargs.update(image_mask=image_mask, has_image=has_image, routing_recorder=recorder)
+        with self._text_path_context(bool(has_image.any())):
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         aux_loss, routing = self._collect_routing(recorder, inputs_embeds)
         loss = None
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.language_model.loss_function(
-                logits=out.logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                logits=out.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
             if self.config.evf is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
@@ -239,6 +269,18 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             routing=routing,
             image_hidden_states=image_features,
         )
+
+    def _text_path_context(self, multimodal: bool):
+        """LoRA adapters are switched off for a batch without any image (the elastic guarantee)."""
+        if multimodal or self.config.lora is None:
+            return nullcontext()
+        return adapters_disabled(lora_layers(self.language_model))
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # `input_ids` is the whole sequence so far: remember which rows hold an image for the decoding steps.
+        inputs["has_image"] = (input_ids == self.config.image_token_id).any(dim=1)
+        return inputs
 
     @staticmethod
     def _collect_routing(

@@ -146,7 +146,10 @@ def test_save_load_round_trip(tmp_path, family, evf):
         assert type(loaded) is EveForConditionalGeneration
         ids, pixels = image_batch(model.config)
         with torch.no_grad():
-            assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, model(input_ids=ids, pixel_values=pixels).logits)
+            assert torch.equal(
+                loaded(input_ids=ids, pixel_values=pixels).logits,
+                model(input_ids=ids, pixel_values=pixels).logits,
+            )
     assert AutoConfig.from_pretrained(tmp_path).evf == model.config.evf
     assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
 
@@ -181,7 +184,10 @@ def test_parameter_counts():
     assert counts.routers == 2 * 2 * 32
     assert counts.total == plain.total + counts.vision_ffns + counts.routers
     assert counts.active_text_token == plain.active_text_token
-    assert counts.active_image_token == counts.vision_tower + counts.projector + plain.language_model + counts.routers
+    assert (
+        counts.active_image_token
+        == counts.vision_tower + counts.projector + plain.language_model + counts.routers
+    )
     assert counts.trainable == counts.total - counts.vision_tower - 2 * ffn
 
 
@@ -226,5 +232,7 @@ def test_placeholder_id_outside_vocab_is_never_embedded():
     assert model.config.image_token_id == IMAGE_TOKEN_ID == model.get_input_embeddings().num_embeddings
     ids, pixels = image_batch(model.config)
     labels = ids.clone()
-    out = model(input_ids=ids, pixel_values=pixels, labels=labels)  # placeholder labels are ignored, not indexed
+    out = model(
+        input_ids=ids, pixel_values=pixels, labels=labels
+    )  # placeholder labels are ignored, not indexed
     assert torch.isfinite(out.loss)
