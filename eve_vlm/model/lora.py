@@ -55,7 +55,7 @@ def adapters_disabled(layers: list[BaseTunerLayer]):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
