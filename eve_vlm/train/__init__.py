@@ -1,0 +1,1 @@
+"""Training: recipes, trainable-parameter rules, the Trainer subclass and the three stages."""

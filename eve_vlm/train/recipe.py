@@ -1,0 +1,287 @@
+"""Training recipes: one YAML file per stage, validated into typed dataclasses.
+
+A recipe names where the model comes from (`model`), what data it trains on (`data`), which parameters train
+(`trainable`), the stage's structural change (`lora` for stage 2, `evf` for stage 3) and the optimisation
+settings (`training`). Unknown keys are errors that name the key and its section; `key=value` overrides from
+the command line use dotted paths (`training.max_steps=10`) and are parsed as YAML scalars.
+
+Follows litgpt's `config.py`/`args.py` (typed configs validated in `__post_init__`) and torchtune's recipe
+YAMLs (each starting with the command that runs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from eve_vlm.errors import ConfigError
+
+STAGES = (1, 2, 3)
+
+
+@dataclass
+class ModelSpec:
+    """Where the model comes from.
+
+    Attributes:
+        init_from: A previous stage's output folder (an Eve model); when set, the fields below must be unset.
+        language_model: Folder of a Hugging Face causal LM (stage 1 starting point).
+        vision_tower: Folder of a Hugging Face vision model (stage 1 starting point).
+        projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
+        projector_grid: Output grid side for `ldpv2`.
+        image_size: Input image side; default the tower's.
+        vision_feature_layer: Hidden-state index taken from the tower.
+        dtype: `float32` or `bfloat16` weights.
+    """
+
+    init_from: str | None = None
+    language_model: str | None = None
+    vision_tower: str | None = None
+    projector_type: str = "mlp2x_gelu"
+    projector_grid: int | None = None
+    image_size: int | None = None
+    vision_feature_layer: int = -2
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.init_from is None and (self.language_model is None or self.vision_tower is None):
+            raise ConfigError(
+                "model: give either init_from (a previous stage) or both language_model and vision_tower."
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.dtype={self.dtype!r}: use float32 or bfloat16.")
+
+
+@dataclass
+class SourceSpec:
+    """One LLaVA-format file. `weight` 2.0 repeats it twice, 0.5 keeps half."""
+
+    path: str
+    image_folder: str | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataSpec:
+    """Training data.
+
+    Attributes:
+        sources: LLaVA JSON/JSONL files, mixed by weight.
+        template: `chat` (the tokenizer's chat template) or `plain` (image then caption, stage 1).
+        max_length: Longest sequence in tokens; truncation never cuts image tokens.
+        on_bad_row: `raise` (stop, naming file and row) or `skip` (skip and count).
+        system_prompt: Optional system message for the chat template.
+    """
+
+    sources: list[SourceSpec] = field(default_factory=list)
+    template: str = "chat"
+    max_length: int = 2048
+    on_bad_row: str = "raise"
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty; list at least one LLaVA JSON/JSONL file.")
+        if self.template not in ("chat", "plain"):
+            raise ConfigError(f"data.template={self.template!r}: use chat or plain.")
+        if self.on_bad_row not in ("raise", "skip"):
+            raise ConfigError(f"data.on_bad_row={self.on_bad_row!r}: use raise or skip.")
+
+
+@dataclass
+class TrainableRule:
+    """Parameters whose name matches `pattern` (Python regex, `re.search`) are trained.
+
+    Attributes:
+        pattern: Regex on parameter names.
+        expect: Expected number of parameters (elements) it matches; training refuses to start if different.
+    """
+
+    pattern: str
+    expect: int | None = None
+
+
+@dataclass
+class LoraSpec:
+    """peft LoRA options for the language model (stage 2)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def to_peft(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvfSpec:
+    """Stage-3 Elastic Vision FFN insertion (see `EvfConfig` for the meaning of each option)."""
+
+    placement: str | list[int] = "alternate"
+    num_experts: int = 2
+    top_k: int = 1
+    allocation: str = "img_gbpr"
+    capacity_factor: float = 1.5
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    combine: str = "soft"
+    balance_loss: str = "switch"
+    use_residual: bool = False
+    aux_loss_coef: float = 0.01
+
+    def options(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("placement")
+        out.pop("aux_loss_coef")
+        return out
+
+
+@dataclass
+class TrainingSpec:
+    """Optimisation settings, passed to transformers' `TrainingArguments`.
+
+    Attributes:
+        output_dir: Where checkpoints and the final model are written.
+        num_train_epochs: Epochs (ignored when max_steps > 0).
+        max_steps: Total optimiser steps; -1 for epochs.
+        per_device_train_batch_size: Micro-batch per process.
+        gradient_accumulation_steps: Micro-batches per optimiser step.
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Share of steps spent warming up.
+        lr_scheduler_type: transformers scheduler name (cosine).
+        logging_steps: Log every N steps.
+        save_steps: Checkpoint every N steps (0: only at the end).
+        save_total_limit: Checkpoints kept.
+        seed: Random seed.
+        bf16: Mixed precision in bfloat16.
+        gradient_checkpointing: Recompute activations in backward.
+        report_to: `none`, `tensorboard`, ...
+        dataloader_num_workers: Data-loading worker processes.
+        resume_from_checkpoint: `auto` resumes from the newest checkpoint in output_dir if any; a path; or null.
+    """
+
+    output_dir: str = "runs/eve"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = 10
+    save_steps: int = 0
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
+    dataloader_num_workers: int = 0
+    resume_from_checkpoint: str | None = "auto"
+
+
+@dataclass
+class Recipe:
+    """A whole stage recipe."""
+
+    stage: int
+    model: ModelSpec
+    data: DataSpec
+    trainable: list[TrainableRule]
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    lora: LoraSpec | None = None
+    evf: EvfSpec | None = None
+    expect_trainable: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage}: use 1, 2 or 3.")
+        if not self.trainable:
+            raise ConfigError("trainable is empty; list at least one parameter-name regex.")
+        if self.evf is not None and self.stage != 3:
+            raise ConfigError(f"evf is a stage-3 section, but stage={self.stage}.")
+        if self.lora is not None and self.stage == 1:
+            raise ConfigError("lora is a stage-2 section; stage 1 trains the projector only.")
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def build(cls, data, where: str):
+    """Builds dataclass `cls` from `data`, recursing into nested dataclasses and lists of them."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {type(data).__name__} {data!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {unknown} in {where or 'the recipe top level'}; known keys: {sorted(known)}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = _unwrap_optional(hints[name])
+        path = f"{where}.{name}" if where else name
+        if value is not None and dataclasses.is_dataclass(tp):
+            value = build(tp, value, path)
+        elif value is not None and typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            if dataclasses.is_dataclass(item):
+                value = [build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where or 'recipe'}: {err}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Override {item!r} is not of the form section.key=value.")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {part} is not a section.")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Reads, overrides and validates a recipe YAML.
+
+    Raises:
+        ConfigError: naming the file and the key at fault.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Recipe {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Recipe {path} is not valid YAML: {err}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return build(Recipe, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

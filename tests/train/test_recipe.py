@@ -1,0 +1,84 @@
+"""Recipes: every shipped recipe loads and validates; typos and bad values fail naming the key; overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eve_vlm.errors import ConfigError
+from eve_vlm.train.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"stage1.yaml", "stage2.yaml", "stage3.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and " train " in first and str(path.relative_to(ROOT)) in first
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.stage == int(path.stem[-1])
+    assert (recipe.evf is not None) == (recipe.stage == 3)
+
+
+def write(tmp_path, data):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal():
+    return {
+        "stage": 1,
+        "model": {"language_model": "lm", "vision_tower": "vt"},
+        "data": {"sources": [{"path": "d.json"}]},
+        "trainable": [{"pattern": "^projector\\."}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [(None, "stages"), ("model", "projecter_type"), ("training", "learnig_rate"), ("data", "max_len")]
+)
+def test_typo_fails_naming_the_key(tmp_path, section, key):
+    data = minimal()
+    (data if section is None else data.setdefault(section, {}))[key] = 1
+    with pytest.raises(ConfigError, match=rf"Unknown key\(s\) \['{key}'\]"):
+        load_recipe(write(tmp_path, data))
+
+
+def test_nested_list_typo_names_the_item(tmp_path):
+    data = minimal()
+    data["trainable"] = [{"pattern": "a"}, {"patern": "b"}]
+    with pytest.raises(ConfigError, match=r"trainable\[1\]"):
+        load_recipe(write(tmp_path, data))
+
+
+def test_bad_values(tmp_path):
+    data = minimal()
+    data["stage"] = 4
+    with pytest.raises(ConfigError, match="stage=4"):
+        load_recipe(write(tmp_path, data))
+    data = minimal()
+    data["data"]["template"] = "alpaca"
+    with pytest.raises(ConfigError, match="template='alpaca'"):
+        load_recipe(write(tmp_path, data))
+    data = minimal()
+    data["evf"] = {"placement": "alternate"}
+    with pytest.raises(ConfigError, match="stage-3 section"):
+        load_recipe(write(tmp_path, data))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides(tmp_path):
+    recipe = load_recipe(write(tmp_path, minimal()), ["training.max_steps=7", "training.bf16=true", "data.max_length=64"])
+    assert recipe.training.max_steps == 7 and recipe.training.bf16 is True and recipe.data.max_length == 64
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['max_stepz'\]"):
+        load_recipe(write(tmp_path, minimal()), ["training.max_stepz=7"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_recipe(write(tmp_path, minimal()), ["training.max_steps"])
