@@ -20,3 +20,8 @@ class ImageSizeError(EveError, ValueError):
 
 class CheckpointError(EveError, RuntimeError):
     """A checkpoint does not match the model config (missing or unexpected weights)."""
+
+
+class DataError(EveError, ValueError):
+    """A data file or row is malformed: bad JSON, a missing or corrupt image, a conversation that does not
+    render or does not fit."""

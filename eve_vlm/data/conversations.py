@@ -1,0 +1,244 @@
+"""Renders a conversation with the tokenizer's own chat template and builds the label mask in the same loop.
+
+Follows torchtune's `tokenize_messages` (tokens and labels built together, one message at a time) but renders
+with `tokenizer.apply_chat_template`, so any Hugging Face LM's template works with no per-LLM code (LLaVA's
+`preprocess_llama_2`, `preprocess_v1`, ... are what this replaces). For assistant turn i:
+
+    prefix_i = render(messages[:i], add_generation_prompt=True)   # ends with the assistant header
+    full_i   = render(messages[:i + 1])                           # ends after the reply's end-of-turn
+
+Both must be string prefixes of the full render, in order; the text up to `prefix_i` is masked, the text
+from `prefix_i` to `full_i` is the reply, labelled up to and including its end-of-turn token (whatever follows
+it, e.g. a newline, is masked). Each segment is tokenised on its own and the concatenation must equal
+tokenising the whole render. Any mismatch raises `DataError` naming the row, never a silent "tokenization
+mismatch".
+
+`<image>` stays one special token while rendering and tokenising; each one is then replaced by
+`num_image_tokens` copies (the model overwrites them with image features). The stage-1 `plain` template is
+LLaVA's: image tokens + the first gpt reply (the caption) + eos, labels on the caption and eos only.
+
+Truncation to `max_length` only cuts text after the last image block, never an image block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+from eve_vlm.data.llava import ConversationRow
+from eve_vlm.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+TEMPLATES = ("chat", "plain")
+
+
+@dataclass
+class EncodedExample:
+    """A tokenised conversation.
+
+    Attributes:
+        input_ids: Token ids, each `<image>` expanded to `num_image_tokens` image-token ids.
+        labels: `input_ids` on assistant replies and their end-of-turn tokens, -100 elsewhere.
+        image: Absolute path of the row's image, or None.
+        id: The row id.
+        num_image_tokens_in_ids: How many image-token ids `input_ids` holds.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    image: str | None
+    id: str
+    num_image_tokens_in_ids: int
+
+
+def row_where(row: ConversationRow) -> str:
+    """`file, line N, row id 'x'`, for error messages."""
+    return f"{row.source}, line {row.line}, row id {row.id!r}"
+
+
+def to_messages(row: ConversationRow, system_prompt: str | None) -> list[dict]:
+    """The row's turns as chat-template messages (`role` user/assistant/system, `content`)."""
+    messages = []
+    for turn in row.conversations:
+        role = turn.get("from", turn.get("role"))
+        if role not in ROLES:
+            raise DataError(f"{row_where(row)}: unknown role {role!r}; use human, gpt or system.")
+        messages.append({"role": ROLES[role], "content": turn.get("value", turn.get("content"))})
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+class ConversationEncoder:
+    """Turns a `ConversationRow` into `input_ids` and `labels`.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with `image_token` registered as a single special token and, for
+            `template="chat"`, a chat template.
+        image_token: The placeholder text in the conversations.
+        image_token_id: Its id in `tokenizer`.
+        num_image_tokens: Image-token ids per image (`EveConfig.num_image_tokens`).
+        template: "chat" (the tokenizer's chat template) or "plain" (image + caption, for stage-1 alignment).
+        max_length: Longest `input_ids`; longer examples lose text after their last image block.
+        system_prompt: System message for rows that have none (default: whatever the template does).
+
+    Raises:
+        ConfigError: when `image_token` is not one token with id `image_token_id`, the template is unknown,
+            or `template="chat"` and the tokenizer has no chat template.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_token: str = "<image>",
+        image_token_id: int,
+        num_image_tokens: int,
+        template: str = "chat",
+        max_length: int = 2048,
+        system_prompt: str | None = None,
+    ):
+        if template not in TEMPLATES:
+            raise ConfigError(f"template={template!r}; use one of {TEMPLATES}")
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("The tokenizer has no chat template; give it one, or use template='plain'.")
+        if template == "plain" and tokenizer.eos_token_id is None:
+            raise ConfigError("template='plain' needs a tokenizer with an eos token to end each caption.")
+        if tokenizer.encode(image_token, add_special_tokens=False) != [image_token_id]:
+            raise ConfigError(
+                f"{image_token!r} is not the single token {image_token_id} in this tokenizer; register it "
+                f"with tokenizer.add_tokens([{image_token!r}], special_tokens=True) "
+                "(EveProcessor.from_parts does)."
+            )
+        if num_image_tokens < 1 or max_length < 1:
+            raise ConfigError(f"num_image_tokens={num_image_tokens} and max_length={max_length} must be >= 1")
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.template = template
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        vocab = tokenizer.get_vocab()
+        self.end_of_turn_ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            self.end_of_turn_ids.add(tokenizer.eos_token_id)
+
+    def encode(self, row: ConversationRow) -> EncodedExample:
+        """Tokenises `row` and masks everything but the assistant replies.
+
+        Raises:
+            DataError: naming the row, when the template does not render it incrementally, the segments do
+                not tokenise like the whole, the image-token count is wrong, the image blocks do not fit in
+                `max_length`, or no label is left.
+        """
+        if self.template == "plain":
+            ids, labels = self.encode_plain(row)
+        else:
+            ids, labels = self.encode_chat(row)
+        ids, labels = self.expand_images(ids, labels)
+        count = ids.count(self.image_token_id)
+        expected = self.num_image_tokens if row.image else 0
+        if count != expected:
+            raise DataError(
+                f"{row_where(row)}: {count} image tokens after rendering, expected {expected} "
+                f"({'one' if row.image else 'no'} image); the row or the template drops or adds "
+                f"{self.image_token!r}."
+            )
+        ids, labels = self.truncate(row, ids, labels)
+        return EncodedExample(
+            input_ids=ids, labels=labels, image=row.image, id=row.id, num_image_tokens_in_ids=count
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_plain(self, row: ConversationRow) -> tuple[list[int], list[int]]:
+        """LLaVA's plain format: `<image>` + caption + eos; labels on the caption and eos."""
+        messages = to_messages(row, system_prompt=None)
+        caption = next((m["content"] for m in messages if m["role"] == "assistant"), None)
+        if caption is None:
+            raise DataError(f"{row_where(row)}: no gpt turn to use as the caption.")
+        prompt = [self.image_token_id] if row.image else []
+        reply = self.tokenize(caption.replace(self.image_token, "").strip()) + [self.tokenizer.eos_token_id]
+        return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+
+    def segments(self, row: ConversationRow) -> list[tuple[str, bool]]:
+        """The full render cut into `(text, is_reply)` segments, checking that it renders incrementally."""
+        messages = to_messages(row, self.system_prompt)
+        full = self.render(messages)
+        cuts, replies = [0], []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(prefix) and full.startswith(upto) and len(prefix) >= cuts[-1]):
+                raise DataError(
+                    f"{row_where(row)}: the chat template does not render this conversation incrementally "
+                    f"(at turn {i}, the render of the first turns is not a prefix of the render of more "
+                    "turns), "
+                    "so replies cannot be masked reliably; use a template that renders turn by turn."
+                )
+            replies.append(len(cuts))
+            cuts += [len(prefix), len(upto)]
+        cuts.append(len(full))
+        return [(full[a:b], k in replies) for k, (a, b) in enumerate(pairwise(cuts))]
+
+    def encode_chat(self, row: ConversationRow) -> tuple[list[int], list[int]]:
+        """Tokens and labels of the chat-template render, one segment at a time."""
+        ids, labels, whole = [], [], ""
+        for text, is_reply in self.segments(row):
+            seg = self.tokenize(text)
+            whole += text
+            ids += seg
+            if not is_reply:
+                labels += [IGNORE_INDEX] * len(seg)
+                continue
+            end = next((k + 1 for k, t in enumerate(seg) if t in self.end_of_turn_ids), len(seg))
+            labels += seg[:end] + [IGNORE_INDEX] * (len(seg) - end)
+        if ids != self.tokenize(whole):
+            raise DataError(
+                f"{row_where(row)}: the render does not line up: tokenising it turn by turn gives other "
+                "tokens than tokenising it whole (a token spans a turn boundary); check the tokenizer and "
+                "template."
+            )
+        return ids, labels
+
+    def expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Replaces each image-token id by `num_image_tokens` of them (labels -100)."""
+        out_ids, out_labels = [], []
+        for t, lab in zip(ids, labels, strict=True):
+            if t == self.image_token_id:
+                out_ids += [t] * self.num_image_tokens
+                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+            else:
+                out_ids.append(t)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def truncate(
+        self, row: ConversationRow, ids: list[int], labels: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Cuts text after the last image block down to `max_length`, keeping image blocks whole."""
+        image_end = max((k + 1 for k, t in enumerate(ids) if t == self.image_token_id), default=0)
+        if image_end >= self.max_length and len(ids) > self.max_length:
+            raise DataError(
+                f"{row_where(row)}: max_length {self.max_length} is too small for "
+                f"{ids.count(self.image_token_id)} image tokens ending at position {image_end} plus at least "
+                "one label token; raise max_length."
+            )
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise DataError(
+                f"{row_where(row)}: no label token is left within max_length {self.max_length} "
+                f"({len(ids)} tokens kept); raise max_length or shorten the prompt."
+            )
+        return ids, labels
