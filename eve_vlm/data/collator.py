@@ -60,6 +60,12 @@ class LlavaDataset(Dataset):
             self.skipped.append(BadRow(source=row.source, line=row.line, id=row.id, reason=reason))
             return None
 
+    def drop_text_only(self) -> int:
+        """Removes the rows without an image; returns how many were removed."""
+        before = len(self.examples)
+        self.examples = [e for e in self.examples if e.image is not None]
+        return before - len(self.examples)
+
     def __len__(self) -> int:
         return len(self.examples)
 

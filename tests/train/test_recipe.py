@@ -42,7 +42,8 @@ def minimal():
 
 
 @pytest.mark.parametrize(
-    ("section", "key"), [(None, "stages"), ("model", "projecter_type"), ("training", "learnig_rate"), ("data", "max_len")]
+    ("section", "key"),
+    [(None, "stages"), ("model", "projecter_type"), ("training", "learnig_rate"), ("data", "max_len")],
 )
 def test_typo_fails_naming_the_key(tmp_path, section, key):
     data = minimal()
@@ -76,7 +77,9 @@ def test_bad_values(tmp_path):
 
 
 def test_overrides(tmp_path):
-    recipe = load_recipe(write(tmp_path, minimal()), ["training.max_steps=7", "training.bf16=true", "data.max_length=64"])
+    recipe = load_recipe(
+        write(tmp_path, minimal()), ["training.max_steps=7", "training.bf16=true", "data.max_length=64"]
+    )
     assert recipe.training.max_steps == 7 and recipe.training.bf16 is True and recipe.data.max_length == 64
     with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['max_stepz'\]"):
         load_recipe(write(tmp_path, minimal()), ["training.max_stepz=7"])

@@ -1,0 +1,246 @@
+"""The three training stages, run from a recipe: build the model, the data, the trainer; train; save.
+
+- Stage 1 builds an Eve model from a causal-LM folder and a vision-tower folder (or continues `init_from`) and
+  trains what the recipe's `trainable` rules match (the projector, in the shipped recipes).
+- Stage 2 loads stage 1 and, with a `lora` section, adds unmerged LoRA adapters to the LLM (without it the
+  rules may train the full LLM, as the authors' script does).
+- Stage 3 loads stage 2 and inserts Elastic Vision FFNs (`evf` section); the rules train routers and vision FFNs.
+
+Each stage writes an HF-format folder (config, safetensors, processor) to `training.output_dir` that
+`from_pretrained` and the next stage's `init_from` load. Checkpoints go to `output_dir/checkpoint-N`; with
+`resume_from_checkpoint: auto` a rerun continues from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from eve_vlm.data.collator import EveCollator, LlavaDataset
+from eve_vlm.data.conversations import ConversationEncoder
+from eve_vlm.data.llava import DataSource, load_rows
+from eve_vlm.errors import ConfigError
+from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
+from eve_vlm.train.recipe import Recipe
+from eve_vlm.train.trainable import apply_trainable_rules
+from eve_vlm.train.trainer import EveTrainer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DONE_MARKER = "eve_training.json"
+
+
+def expand(path: str) -> str:
+    """`~` and `$VARS` expanded."""
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcessor]:
+    """A new Eve model from an LLM folder and a vision-tower folder (stage 1)."""
+    spec = recipe.model
+    for key in ("language_model", "vision_tower"):
+        if not Path(expand(getattr(spec, key))).is_dir():
+            raise ConfigError(
+                f"model.{key}: folder {getattr(spec, key)} does not exist (run `eve prepare`?)."
+            )
+    dtype = DTYPES[spec.dtype]
+    lm = AutoModelForCausalLM.from_pretrained(expand(spec.language_model), dtype=dtype)
+    tower = AutoModel.from_pretrained(expand(spec.vision_tower), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(expand(spec.language_model))
+    config = EveConfig(
+        text_config=lm.config,
+        vision_config=tower.config,
+        image_size=spec.image_size,
+        vision_feature_layer=spec.vision_feature_layer,
+        projector_type=spec.projector_type,
+        projector_grid=spec.projector_grid,
+    )
+    processor = EveProcessor.from_parts(
+        tokenizer=tokenizer,
+        vision_config=config.vision_config,
+        image_size=config.image_size,
+        num_image_tokens=config.num_image_tokens,
+    )
+    config.image_token_id = processor.image_token_id
+    model = EveForConditionalGeneration(config).to(dtype)
+    model.language_model.load_state_dict(lm.state_dict())
+    model.vision_tower.tower.load_state_dict(tower.state_dict())
+    model.generation_config = lm.generation_config
+    return model, processor
+
+
+def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcessor]:
+    """The model a stage trains, with its structural change (LoRA, EVF) applied."""
+    if recipe.model.init_from is None:
+        model, processor = build_from_parts(recipe)
+    else:
+        source = expand(recipe.model.init_from)
+        if not (Path(source) / "config.json").is_file():
+            raise ConfigError(
+                f"model.init_from: {source} holds no saved model; run the previous stage first."
+            )
+        model = EveForConditionalGeneration.from_pretrained(source, dtype=DTYPES[recipe.model.dtype])
+        processor = EveProcessor.from_pretrained(source)
+    if recipe.lora is not None and model.config.lora is None:
+        model.add_lora(**recipe.lora.to_peft())
+    if recipe.evf is not None:
+        model.add_elastic_vision_ffns(recipe.evf.placement, **recipe.evf.options())
+        model.config.aux_loss_coef = recipe.evf.aux_loss_coef
+    return model, processor
+
+
+def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, log=print) -> LlavaDataset:
+    """Loads, checks and encodes the recipe's data."""
+    data = recipe.data
+    sources = [
+        DataSource(expand(s.path), expand(s.image_folder) if s.image_folder else None, s.weight)
+        for s in data.sources
+    ]
+    loaded = load_rows(sources, on_bad_row=data.on_bad_row, seed=recipe.training.seed)
+    encoder = ConversationEncoder(
+        processor.tokenizer,
+        image_token=processor.image_token,
+        image_token_id=config.image_token_id,
+        num_image_tokens=config.num_image_tokens,
+        template=data.template,
+        max_length=data.max_length,
+        system_prompt=data.system_prompt,
+    )
+    dataset = LlavaDataset(loaded.rows, encoder, on_bad_row=data.on_bad_row)
+    dataset.skipped = list(loaded.skipped) + list(dataset.skipped)
+    images = sum(dataset.is_image)
+    log(f"data: {len(dataset)} rows ({images} with an image, {len(dataset) - images} text-only)")
+    return dataset
+
+
+def image_loader(processor: EveProcessor):
+    """Turns image paths into `pixel_values` with the processor's image processor."""
+    from PIL import Image
+
+    def load(paths: list[str]) -> torch.Tensor:
+        images = []
+        for path in paths:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    return load
+
+
+def training_arguments(recipe: Recipe) -> TrainingArguments:
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=expand(t.output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler_type,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=max(t.save_steps, 1),
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        activation_checkpointing=t.gradient_checkpointing,
+        report_to=t.report_to,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=recipe.stage == 3,
+        save_only_model=False,
+    )
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` whose trainer state was written (the last file a checkpoint gets)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [
+        p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()
+    ]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+def save_stage(model, processor, output_dir: str, summary: dict) -> None:
+    """Writes the final model, processor and a summary; files land by rename, the summary last."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        for item in Path(tmp).iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    tmp_summary = out / f".{DONE_MARKER}.tmp"
+    tmp_summary.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp_summary, out / DONE_MARKER)
+
+
+def text_path_trains(model: EveForConditionalGeneration) -> bool:
+    """Whether a batch without images reaches any trainable weight (it never reaches LoRA or EVF parts)."""
+    multimodal_only = ("lora_", ".vision_ffns.", ".router.", ".coefficient.")
+    return any(
+        p.requires_grad and not any(part in name for part in multimodal_only)
+        for name, p in model.language_model.named_parameters()
+    )
+
+
+def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
+    """Runs one stage end to end; returns the summary written next to the model."""
+    start = time.time()
+    model, processor = build_model(recipe)
+    dataset = build_dataset(recipe, processor, model.config, log=log)
+    matches = apply_trainable_rules(model, recipe.trainable, recipe.expect_trainable, log=log)
+    if not text_path_trains(model) and (dropped := dataset.drop_text_only()):
+        log(
+            f"data: dropped {dropped} text-only rows: without an image the model runs the frozen base path "
+            "(LoRA off, language FFNs only), so they would train nothing"
+        )
+    args = training_arguments(recipe)
+    trainer = EveTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=EveCollator(processor.tokenizer.pad_token_id, image_loader(processor)),
+        callbacks=callbacks,
+    )
+    resume = recipe.training.resume_from_checkpoint
+    if resume == "auto":
+        resume = latest_checkpoint(args.output_dir)
+    if resume:
+        log(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    summary = {
+        "stage": recipe.stage,
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "seconds": round(time.time() - start, 1),
+        "trainable": {m.pattern: [m.tensors, m.parameters] for m in matches},
+        "trainable_names": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "skipped_rows": len(dataset.skipped),
+        "loss_history": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+        "recipe": asdict(recipe),
+    }
+    if trainer.is_world_process_zero():
+        save_stage(model, processor, args.output_dir, summary)
+    if dataset.skipped:
+        log(f"skipped {len(dataset.skipped)} bad row(s):")
+        for bad in dataset.skipped[:20]:
+            log(f"  {bad.source}:{bad.line} id={bad.id}: {bad.reason}")
+    log(f"stage {recipe.stage} done in {summary['seconds']} s; model in {args.output_dir}")
+    return summary

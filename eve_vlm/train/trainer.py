@@ -1,0 +1,70 @@
+"""`EveTrainer`: a thin subclass of transformers' `Trainer`.
+
+What it adds: the loss is the model's (CE + aux_loss_coef x summed EVF balance loss, already in the output),
+per-layer routing statistics are averaged over the logging window and logged beside the loss (so they reach
+TensorBoard when `report_to: tensorboard`), and the train sampler keeps image rows and text-only rows in
+separate micro-batches grouped by length (LLaVA's `group_by_modality_length`). Everything else - DDP/FSDP/
+DeepSpeed through accelerate, gradient accumulation, mixed precision, checkpointing and resume, the cosine
+schedule, progress bars - is transformers'.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from eve_vlm.data.collator import ModalityLengthGroupedSampler
+from eve_vlm.model.evf import RoutingStats
+
+
+def routing_metrics(routing: dict[int, RoutingStats]) -> dict[str, float]:
+    """Flat per-layer metrics of one forward: share of image/text tokens routed to the vision experts, drop
+    rates, router entropy."""
+    metrics = {}
+    for layer, s in routing.items():
+        image, text = s.routed_image.sum().clamp(min=1), s.routed_text.sum().clamp(min=1)
+        prefix = f"routing/layer{layer}"
+        metrics[f"{prefix}/image_to_vision"] = float(s.routed_image[1:].sum() / image)
+        metrics[f"{prefix}/text_to_vision"] = float(s.routed_text[1:].sum() / text)
+        metrics[f"{prefix}/image_dropped"] = float(s.dropped_image.sum() / image)
+        metrics[f"{prefix}/text_dropped"] = float(s.dropped_text.sum() / text)
+        metrics[f"{prefix}/entropy"] = float(s.entropy)
+    return metrics
+
+
+class EveTrainer(Trainer):
+    """transformers' `Trainer` with routing metrics and modality-grouped batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._routing_sums: dict[str, float] = defaultdict(float)
+        self._routing_counts: dict[str, int] = defaultdict(int)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if outputs.routing and model.training:
+            for key, value in routing_metrics(outputs.routing).items():
+                self._routing_sums[key] += value
+                self._routing_counts[key] += 1
+            self._routing_sums["aux_loss"] += float(outputs.aux_loss)
+            self._routing_counts["aux_loss"] += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._routing_counts:
+            logs.update({k: round(v / self._routing_counts[k], 4) for k, v in self._routing_sums.items()})
+            self._routing_sums.clear()
+            self._routing_counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthGroupedSampler(
+            dataset.lengths,
+            dataset.is_image,
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size,
+            seed=self.args.seed,
+        )

@@ -1,0 +1,209 @@
+"""Stages 1 -> 2 -> 3 end to end, in-process, on tiny parts saved to disk and a synthetic colour task."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_text_config, tiny_tokenizer, tiny_vision_config
+from PIL import Image
+from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
+
+from eve_vlm.model import EveForConditionalGeneration
+from eve_vlm.train.recipe import load_recipe
+from eve_vlm.train.stages import run_stage
+
+COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20)}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny LM + tokenizer folder, a tiny DINOv2 folder, and LLaVA JSON files over coloured images."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_text_config("llama"))
+    lm.save_pretrained(root / "lm")
+    tiny_tokenizer().save_pretrained(root / "lm")
+    AutoModel.from_config(tiny_vision_config("dinov2")).save_pretrained(root / "tower")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    captions, vqa = [], []
+    for i in range(48):
+        name = list(COLOURS)[i % 4]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(
+            np.uint8
+        )
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        captions.append(
+            {
+                "id": f"c{i}",
+                "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": name}],
+            }
+        )
+        vqa.append(
+            {
+                "id": f"q{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is the colour of this image"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+    vqa += [
+        {
+            "id": f"t{i}",
+            "conversations": [
+                {"from": "human", "value": "is there a circle"},
+                {"from": "gpt", "value": "no"},
+            ],
+        }
+        for i in range(8)
+    ]
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa))
+    return root
+
+
+def recipe(parts, tmp_path, stage, **training):
+    data = {
+        "stage": stage,
+        "model": {"init_from": str(tmp_path / f"stage{stage - 1}")}
+        if stage > 1
+        else {
+            "language_model": str(parts / "lm"),
+            "vision_tower": str(parts / "tower"),
+            "projector_type": "ldp",
+        },
+        "data": {
+            "sources": [
+                {
+                    "path": str(parts / ("captions.json" if stage == 1 else "vqa.jsonl")),
+                    "image_folder": str(parts / "images"),
+                }
+            ],
+            "template": "plain" if stage == 1 else "chat",
+            "max_length": 64,
+        },
+        "trainable": {
+            1: [{"pattern": r"^projector\."}],
+            2: [{"pattern": r"^projector\."}, {"pattern": r"\.lora_(A|B)\."}],
+            3: [{"pattern": r"\.mlp\.router\."}, {"pattern": r"\.mlp\.vision_ffns\."}],
+        }[stage],
+        "training": {
+            "output_dir": str(tmp_path / f"stage{stage}"),
+            "max_steps": 12,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 5e-3,
+            "logging_steps": 3,
+            "warmup_ratio": 0.0,
+            "seed": 0,
+            **training,
+        },
+    }
+    if stage == 2:
+        data["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    if stage == 3:
+        data["evf"] = {"placement": "alternate", "allocation": "img_gbpr"}
+    path = tmp_path / f"stage{stage}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path)
+
+
+def frozen_state(model):
+    """Everything stage 3 must leave untouched: attention, norms, embeddings, language FFNs, LoRA, projector."""
+    return {
+        k: v.clone() for k, v in model.state_dict().items() if "vision_ffns" not in k and "router" not in k
+    }
+
+
+def test_three_stages(parts, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(parts / "lm").eval()
+    text = torch.randint(3, 30, (2, 9))
+
+    s1 = run_stage(recipe(parts, tmp_path, 1))
+    assert s1["trainable"] == {r"^projector\.": [24, 5840]}
+    assert all(n.startswith("projector.") for n in s1["trainable_names"])
+    losses = [loss for _, loss in s1["loss_history"]]
+    assert losses[-1] < losses[0]
+    m1 = EveForConditionalGeneration.from_pretrained(tmp_path / "stage1")
+    assert sum(p.numel() for p in m1.projector.parameters()) > 0
+
+    s2 = run_stage(recipe(parts, tmp_path, 2))
+    assert s2["trainable"] == {r"^projector\.": [24, 5840], r"\.lora_(A|B)\.": [16, 1792]}
+    lora = [n for n in s2["trainable_names"] if "lora" in n]
+    assert lora == [
+        f"language_model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.default.weight"
+        for i in range(4)
+        for m in "qv"
+        for ab in "AB"
+    ]
+    losses = [loss for _, loss in s2["loss_history"]]
+    assert losses[-1] < losses[0]
+    m2 = EveForConditionalGeneration.from_pretrained(tmp_path / "stage2").eval()
+    assert m2.config.lora["r"] == 4
+    with torch.no_grad():
+        assert torch.equal(m2(input_ids=text).logits, base(input_ids=text).logits)
+
+    s3 = run_stage(recipe(parts, tmp_path, 3, learning_rate=1e-3))
+    assert s3["trainable"] == {r"\.mlp\.router\.": [2, 128], r"\.mlp\.vision_ffns\.": [6, 12288]}
+    assert s3["trainable_names"] == [
+        f"language_model.model.layers.{i}.mlp.{n}"
+        for i in (0, 2)
+        for n in (
+            "router.weight",
+            "vision_ffns.0.down_proj.weight",
+            "vision_ffns.0.gate_proj.weight",
+            "vision_ffns.0.up_proj.weight",
+        )
+    ]
+    assert s3["steps"] == 12
+    m3 = EveForConditionalGeneration.from_pretrained(tmp_path / "stage3").eval()
+    assert sorted(m3.evf_layers) == [0, 2]
+    before, after = frozen_state(m2), frozen_state(m3)
+    renamed = {
+        k.replace(".mlp.", ".mlp.language_ffn.") if any(f".layers.{i}.mlp." in k for i in (0, 2)) else k: v
+        for k, v in before.items()
+    }
+    assert renamed.keys() == after.keys()
+    for key in after:
+        assert torch.equal(after[key], renamed[key]), key
+    with torch.no_grad():
+        assert torch.equal(m3(input_ids=text).logits, base(input_ids=text).logits)
+    moved = [
+        n
+        for n, p in m3.named_parameters()
+        if "vision_ffns" in n
+        and not torch.equal(p, dict(m3.named_parameters())[n.replace("vision_ffns.0", "language_ffn")])
+    ]
+    assert moved  # the vision FFNs trained away from their copies
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_kill_and_resume_matches_uninterrupted(parts, tmp_path):
+    run_stage(recipe(parts, tmp_path, 1, max_steps=4))
+    full = tmp_path / "full"
+    run_stage(recipe(parts, tmp_path, 2, max_steps=6, save_steps=3, output_dir=str(full)))
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(
+            recipe(parts, tmp_path, 2, max_steps=6, save_steps=3, output_dir=str(cut)),
+            callbacks=[StopAfter(4)],
+        )
+    assert (cut / "checkpoint-3").is_dir() and not (cut / "config.json").exists()
+    summary = run_stage(recipe(parts, tmp_path, 2, max_steps=6, save_steps=3, output_dir=str(cut)))
+    assert summary["steps"] == 6
+    a = EveForConditionalGeneration.from_pretrained(full).state_dict()
+    b = EveForConditionalGeneration.from_pretrained(cut).state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
