@@ -222,6 +222,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     resume = recipe.training.resume_from_checkpoint
     if resume == "auto":
         resume = latest_checkpoint(args.output_dir)
+    log(f"processes: world size {args.world_size}")
     if resume:
         log(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)

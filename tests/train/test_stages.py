@@ -207,3 +207,36 @@ def test_kill_and_resume_matches_uninterrupted(parts, tmp_path):
     b = EveForConditionalGeneration.from_pretrained(cut).state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_torchrun_ddp_two_processes(parts, tmp_path):
+    """`torchrun --nproc_per_node 2 -m eve_vlm.cli train RECIPE` runs DDP on CPU (gloo) and saves once."""
+    import os
+    import subprocess
+    import sys
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2))
+    path = recipe(
+        parts, tmp_path, 2, max_steps=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "ddp")
+    )
+    del path
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "eve_vlm.cli",
+        "train",
+        str(tmp_path / "stage2.yaml"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "'world_size': 2" in proc.stdout or "world size 2" in proc.stdout
+    summary = json.loads((tmp_path / "ddp" / "eve_training.json").read_text())
+    assert summary["steps"] == 3
+    EveForConditionalGeneration.from_pretrained(tmp_path / "ddp")
