@@ -31,7 +31,12 @@ def tiny_config(vocab: int = 256) -> EveConfig:
         pad_token_id=0,
     )
     vision = Dinov2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
     )
     return EveConfig(text_config=text, vision_config=vision, projector_type="ldp", image_token_id=vocab)
 
@@ -50,12 +55,16 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0) -> dict:
     print(f"text-only logits equal the base LM's bit for bit: {same}")
 
     n = model.config.num_image_tokens
-    prompt = torch.cat([torch.tensor([[1]]), torch.full((1, n), model.config.image_token_id), text[:1, :6]], 1)
+    prompt = torch.cat(
+        [torch.tensor([[1]]), torch.full((1, n), model.config.image_token_id), text[:1, :6]], 1
+    )
     pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
         out = model(input_ids=prompt, pixel_values=pixels)
     for i, stats in out.routing.items():
-        print(f"layer {i}: image tokens per expert {stats.routed_image.tolist()}, kept {stats.kept_image.tolist()}")
+        print(
+            f"layer {i}: image tokens per expert {stats.routed_image.tolist()}, kept {stats.kept_image.tolist()}"
+        )
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

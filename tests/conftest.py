@@ -101,10 +101,37 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = (
-    "what is the colour of shape in this image a an red blue green yellow circle square triangle "
-    "yes no does contain picture describe it there one two three"
-).split()
+WORDS = [
+    "what",
+    "is",
+    "the",
+    "colour",
+    "of",
+    "shape",
+    "in",
+    "this",
+    "image",
+    "a",
+    "an",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "yes",
+    "no",
+    "does",
+    "contain",
+    "picture",
+    "describe",
+    "it",
+    "there",
+    "one",
+    "two",
+    "three",
+]
 
 
 def tiny_tokenizer():

@@ -16,7 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from eve_vlm.errors import ConfigError
-from eve_vlm.model.allocation import ALLOCATION_POLICIES
+from eve_vlm.model.evf import validate_options
 from eve_vlm.model.projector import PROJECTOR_KINDS, num_projected_tokens
 
 PLACEMENTS = ("alternate", "all", "first_half", "second_half")
@@ -52,20 +52,18 @@ class EvfConfig:
     use_residual: bool = False
 
     def __post_init__(self) -> None:
-        if self.allocation not in ALLOCATION_POLICIES:
-            raise ConfigError(
-                f"evf.allocation={self.allocation!r} is unknown; choose one of {sorted(ALLOCATION_POLICIES)}."
-            )
-        if self.combine not in ("soft", "hard"):
-            raise ConfigError(f"evf.combine={self.combine!r} is unknown; choose 'soft' or 'hard'.")
-        if self.balance_loss not in ("switch", "l1", "none"):
-            raise ConfigError(
-                f"evf.balance_loss={self.balance_loss!r} is unknown; choose switch, l1 or none."
-            )
-        if self.num_experts < 2:
-            raise ConfigError(f"evf.num_experts={self.num_experts} must be >= 2 (language + vision).")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ConfigError(f"evf.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}.")
+        validate_options(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            allocation=self.allocation,
+            capacity_factors={
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+            },
+            min_capacity=self.min_capacity,
+            combine=self.combine,
+            balance_loss=self.balance_loss,
+        )
         self.layers = sorted({int(i) for i in self.layers})
 
     @classmethod

@@ -6,9 +6,10 @@ tokens are image tokens. Rather than patch those classes, stage 3 replaces each 
 `mlp`, under the same names, so parameter names do not change) with the same forward, plus two keyword
 arguments that transformers' decoder passes down untouched through `**kwargs`:
 
-- `image_mask` (B, T) bool: which positions hold image tokens (design decision 3). Because it is a forward
-  argument, gradient checkpointing replays it on recompute, and during KV-cache decoding it covers only the
-  new (text) tokens.
+- `image_mask` (B, T) bool: which positions hold image tokens (design decision 3), and `has_image` (B,) bool:
+  which sequences hold an image anywhere, the KV cache included. Because they are forward arguments, gradient
+  checkpointing replays them on recompute, and during KV-cache decoding `image_mask` covers only the new (text)
+  tokens while `has_image` keeps image requests on the routed path.
 - `routing_recorder`: a `RoutingRecorder` the top model creates per forward to collect each EVF layer's aux
   loss and routing statistics, so the decoder loop keeps returning a plain tensor.
 
@@ -76,6 +77,7 @@ class EveDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         image_mask: torch.Tensor | None = None,  # (B, T) bool
+        has_image: torch.Tensor | None = None,  # (B,) bool
         routing_recorder: RoutingRecorder | None = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -96,7 +98,7 @@ class EveDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if image_mask is None:
             image_mask = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-        out = self.mlp(hidden_states, image_mask)
+        out = self.mlp(hidden_states, image_mask, has_image)
         if routing_recorder is not None:
             routing_recorder.record(self.layer_idx, out)
         return residual + out.hidden_states

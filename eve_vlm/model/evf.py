@@ -3,8 +3,9 @@
 Expert 0 is the language model's own FFN (the same module object, frozen); experts 1..E-1 are trainable vision
 FFNs, by default copies of it. A router `Linear(D, E, bias=False)`, computed in fp32, scores every token; the
 experts are chosen by top-k (`allocation.assign_experts`), a token-allocation policy (`allocation.py`) decides
-which assignments an over-full expert keeps, and the kept ones are dispatched by gather/scatter
-(`index_select` / `index_add_` on the token dimension), so the cost is linear in the number of tokens.
+which assignments an over-full expert keeps, and the kept ones are dispatched by gathers on the token
+dimension (one `index_select` grouping the tokens by expert, one with the inverse permutation back), so the
+cost is linear in the number of tokens; dropped tokens get 0 from the expert branch.
 
 Elastic guarantee: when a batch has no image token, the output is `language_ffn(hidden_states)` itself,
 bit for bit (no router, no weight, no residual mix), so the text path of the language model is unchanged.
@@ -70,6 +71,17 @@ class RoutingStats:
         """[E] text-token assignments dropped for lack of capacity."""
         return self.routed_text - self.kept_text
 
+    def plus_language_only(self, other: RoutingStats) -> RoutingStats:
+        """These statistics plus those of sequences that took the language-only path (`other`)."""
+        return RoutingStats(
+            self.routed_image + other.routed_image,
+            self.routed_text + other.routed_text,
+            self.kept_image + other.kept_image,
+            self.kept_text + other.kept_text,
+            self.capacity,
+            self.entropy,
+        )
+
     @property
     def tokens_per_expert(self) -> Tensor:
         """[E] assignments per chosen expert, image and text together."""
@@ -115,7 +127,9 @@ class ElasticVisionFFN(nn.Module):
             Always 0 with `modality` allocation.
         use_residual: DeepSpeed residual MoE: `c0 * moe(x) + c1 * language_ffn(x)` with
             `c = softmax(coefficient(x))`.
-        seed: Seed of the CPU generator used by the `rts` policy; None = torch's global generator.
+        seed: Seed of a private CPU generator for the `rts` policy; None = torch's global RNG. Under
+            activation checkpointing keep None: checkpointing restores the global RNG state for the
+            recompute, not a private generator's, so a seeded `rts` would pick other tokens on recompute.
 
     Raises:
         ConfigError: An option is out of range or unknown.
@@ -139,13 +153,18 @@ class ElasticVisionFFN(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        _validate(
-            num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine
+        validate_options(
+            num_experts=num_experts,
+            top_k=top_k,
+            allocation=allocation,
+            capacity_factors={
+                "capacity_factor": capacity_factor,
+                "eval_capacity_factor": eval_capacity_factor,
+            },
+            min_capacity=min_capacity,
+            combine=combine,
+            balance_loss=balance_loss,
         )
-        if balance_loss not in BALANCE_LOSSES:
-            raise ConfigError(
-                f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}."
-            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -179,18 +198,36 @@ class ElasticVisionFFN(nn.Module):
         if self.coefficient is not None:
             self.coefficient.reset_parameters()
 
-    def forward(self, hidden_states: Tensor, image_mask: Tensor) -> EVFOutput:
+    def forward(
+        self, hidden_states: Tensor, image_mask: Tensor, has_image: Tensor | None = None
+    ) -> EVFOutput:
         """Route, allocate, dispatch and combine.
 
         Args:
             hidden_states: [B, T, D].
             image_mask: [B, T] bool, True at image tokens.
+            has_image: [B] bool, whether each sequence holds an image (its KV cache included); default
+                `image_mask.any(dim=1)`. Sequences without one take the language FFN with weight 1, so a
+                text-only request gives the base LLM's output even inside a batch with images; during KV-cache
+                decoding the model passes True for image requests, whose new tokens are text but routed.
 
         Returns:
-            `EVFOutput`; without any image token, `hidden_states` is `language_ffn(hidden_states)` exactly.
+            `EVFOutput`; for sequences without an image, `language_ffn(hidden_states)` exactly.
         """
-        if not bool(image_mask.any()):
+        if has_image is None:
+            has_image = image_mask.any(dim=1)
+        if not bool(has_image.any()):
             return self._language_only(hidden_states)
+        if bool(has_image.all()):
+            return self._routed(hidden_states, image_mask)
+        routed = self._routed(hidden_states[has_image], image_mask[has_image])
+        text = self._language_only(hidden_states[~has_image])
+        out = torch.empty_like(hidden_states, dtype=routed.hidden_states.dtype)
+        out[has_image] = routed.hidden_states
+        out[~has_image] = text.hidden_states.to(out.dtype)
+        return EVFOutput(out, routed.aux_loss, routed.stats.plus_language_only(text.stats))
+
+    def _routed(self, hidden_states: Tensor, image_mask: Tensor) -> EVFOutput:
         batch, seq_len, dim = hidden_states.shape
         x = hidden_states.reshape(batch * seq_len, dim)  # (S, D)
         mask = image_mask.reshape(-1).to(torch.bool)  # (S,)
@@ -232,22 +269,32 @@ class ElasticVisionFFN(nn.Module):
         return weights
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor, weights: Tensor) -> Tensor:
-        """Gather each expert's kept tokens, run the expert, scatter-add `weight * output` back. [S, D]."""
-        top_k = expert_idx.shape[1]
-        bucket = torch.where(keep, expert_idx, self.num_experts).reshape(-1)  # dropped -> bucket E
+        """Group the kept assignments by expert with one stable argsort, gather their tokens once, run each
+        expert on its slice, and gather `weight * output` back to token order (dropped assignments read a
+        zero row). Returns [S, D] in the input dtype.
+
+        The way back is a gather with the inverse permutation rather than `index_add_`: the same result
+        and cost order, but CPU `index_add_` slows down badly when the cores are shared."""
+        num_tokens, top_k = expert_idx.shape
+        bucket = torch.where(keep, expert_idx, self.num_experts).reshape(-1)  # (S*K,), dropped -> E
         order = torch.argsort(bucket, stable=True)
         counts = torch.bincount(bucket, minlength=self.num_experts + 1).tolist()  # the one host sync
-        token = order // top_k
-        weight = weights.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=False):
-            if count:
-                idx = token[start : start + count]
-                y = expert(x.index_select(0, idx).unsqueeze(0)).squeeze(0)  # (n, D)
-                out.index_add_(0, idx, y * weight[start : start + count, None])
-            start += count
-        return out
+        num_kept = num_tokens * top_k - counts[-1]
+        kept = order[:num_kept]
+        x_sorted = x.index_select(0, kept // top_k)  # (N_kept, D)
+        w_sorted = weights.reshape(-1).index_select(0, kept).to(x.dtype)[:, None]
+        pieces = [
+            expert(xs.unsqueeze(0)).squeeze(0) * ws
+            for expert, xs, ws in zip(
+                self.experts, x_sorted.split(counts[:-1]), w_sorted.split(counts[:-1]), strict=True
+            )
+            if len(xs)
+        ]
+        pieces.append(x.new_zeros(1, x.shape[1]))  # row N_kept: what dropped assignments receive
+        position = torch.full_like(order, num_kept)
+        position[kept] = torch.arange(num_kept, device=order.device)  # (S*K,) row of each assignment
+        out = torch.cat(pieces).index_select(0, position)  # (S*K, D)
+        return out if top_k == 1 else out.view(num_tokens, top_k, -1).sum(dim=1)
 
     def _balance_loss(self, probs: Tensor, expert_idx: Tensor) -> Tensor:
         if self.balance_loss == "none" or self.allocation == "modality":
@@ -259,7 +306,10 @@ class ElasticVisionFFN(nn.Module):
         return (mean_prob - fraction).abs().sum()
 
 
-def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_factor, min_capacity, combine):
+def validate_options(
+    *, num_experts, top_k, allocation, capacity_factors, min_capacity, combine, balance_loss
+):
+    """Raise `ConfigError` naming the first option that is out of range or unknown."""
     if num_experts < 2:
         raise ConfigError(
             f"num_experts={num_experts} must be >= 2 (the language FFN and at least one vision FFN)."
@@ -272,7 +322,7 @@ def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_fac
         )
     if allocation == "modality" and top_k != 1:
         raise ConfigError(f"top_k={top_k} is not allowed with allocation='modality'; it needs top_k=1.")
-    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+    for name, value in capacity_factors.items():
         if not value > 0:
             raise ConfigError(f"{name}={value} must be > 0.")
     if min_capacity < 0:
@@ -283,6 +333,8 @@ def _validate(num_experts, top_k, allocation, capacity_factor, eval_capacity_fac
         raise ConfigError(
             f"combine='hard' needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1."
         )
+    if balance_loss not in BALANCE_LOSSES:
+        raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")
 
 
 def _routing_stats(

@@ -232,3 +232,25 @@ def test_bfloat16_input_keeps_its_dtype_and_stats_are_detached():
     tensors = [stats.routed_image, stats.routed_text, stats.kept_image, stats.kept_text, stats.entropy]
     assert not any(t.requires_grad for t in tensors)
     assert stats.routed_image.dtype == torch.long
+
+
+def test_rows_without_an_image_keep_the_language_path_in_a_mixed_batch():
+    evf = _evf(allocation="gbpr").eval()
+    x, mask = _batch(batch=3, seq_len=8)
+    mask[1] = False  # row 1 is a text-only request
+    out = evf(x, mask)
+    assert torch.equal(out.hidden_states[1], evf.language_ffn(x[1:2])[0])
+    routed = evf(x[[0, 2]], mask[[0, 2]])
+    torch.testing.assert_close(out.hidden_states[[0, 2]], routed.hidden_states)
+    assert int(out.stats.tokens_per_expert.sum()) == 3 * 8
+    assert int(out.stats.kept_text[0]) == int(routed.stats.kept_text[0]) + 8
+
+
+def test_has_image_keeps_decoding_tokens_of_image_requests_routed():
+    evf = _evf(allocation="gbpr", combine="soft").eval()
+    x, _ = _batch(batch=2, seq_len=1)
+    text = torch.zeros(2, 1, dtype=torch.bool)
+    assert torch.equal(evf(x, text).hidden_states, evf.language_ffn(x))  # a text-only request
+    routed = evf(x, text, has_image=torch.tensor([True, True]))  # a decoding step after an image prompt
+    assert int(routed.stats.routed_text.sum()) == 2
+    assert not torch.allclose(routed.hidden_states, evf.language_ffn(x))  # soft weights < 1 apply

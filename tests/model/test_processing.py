@@ -31,7 +31,10 @@ def test_expands_each_image_marker_and_runs_the_model():
     processor = make_processor(model)
     model.config.image_token_id = processor.image_token_id
     assert processor.image_token_id not in tiny_tokenizer().get_vocab().values()  # a new special token
-    batch = processor(["<image> what is the colour", "describe <image> and <image>"], images=[picture(0), picture(1), picture(2)])
+    batch = processor(
+        ["<image> what is the colour", "describe <image> and <image>"],
+        images=[picture(0), picture(1), picture(2)],
+    )
     n = model.config.num_image_tokens
     assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [n, 2 * n]
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
