@@ -186,6 +186,20 @@ class ElasticVisionFFN(nn.Module):
         self.coefficient = nn.Linear(hidden_size, 2) if use_residual else None
         self.reset_parameters()
 
+    def set_allocation(self, allocation: str) -> None:
+        """Switches the token-allocation policy (e.g. to compare policies on a trained model)."""
+        validate_options(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            allocation=allocation,
+            capacity_factors={"capacity_factor": self.capacity_factor},
+            min_capacity=self.min_capacity,
+            combine=self.combine,
+            balance_loss=self.balance_loss,
+        )
+        self.allocation = allocation
+        self._policy = get_policy(allocation)
+
     @property
     def experts(self) -> list[nn.Module]:
         """All experts, language FFN first: `[language_ffn, *vision_ffns]`."""

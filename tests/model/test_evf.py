@@ -254,3 +254,15 @@ def test_has_image_keeps_decoding_tokens_of_image_requests_routed():
     routed = evf(x, text, has_image=torch.tensor([True, True]))  # a decoding step after an image prompt
     assert int(routed.stats.routed_text.sum()) == 2
     assert not torch.allclose(routed.hidden_states, evf.language_ffn(x))  # soft weights < 1 apply
+
+
+def test_set_allocation_switches_the_policy():
+    evf = _evf(allocation="img_gbpr", capacity_factor=0.5).train()
+    x, mask = _batch(batch=2, seq_len=16, image_share=0.8)
+    evf.set_allocation("position")
+    assert evf.allocation == "position"
+    kept = evf(x, mask).stats.kept_image.sum() + evf(x, mask).stats.kept_text.sum()
+    evf.set_allocation("modality")
+    assert evf(x, mask).stats.kept_image.sum() + evf(x, mask).stats.kept_text.sum() == 32 > kept
+    with pytest.raises(ConfigError, match="'nope' is unknown"):
+        evf.set_allocation("nope")
