@@ -1,0 +1,1 @@
+"""Serving: a chat command and (planned) an OpenAI-compatible server."""
