@@ -21,15 +21,20 @@ dense FFN is fully trainable. The image mask marks 75% of the tokens as one imag
 Modes: `fwd` = eval mode under `torch.inference_mode()`; `fwd_bwd` = train mode, input requiring grad, loss
 `out.sum() + 0.01 * aux_loss`, backward, gradients dropped before the next step.
 
-Every case (layer, tokens, mode) runs in a fresh subprocess with `torch.set_num_threads(2)`. Peak memory is the
-process's peak resident set size during warm-up and timed repeats minus its resident size just before them
-(after imports, building the layer and the input): the kernel's peak counter is reset through
-`/proc/self/clear_refs` where allowed (`mem_method: vmhwm-reset`), else `ru_maxrss` delta (`ru_maxrss-delta`,
-which can under-read when setup peaked higher). Output: one JSON line per case, then one line of ratios (EVF
-time and peak memory divided by each other layer's). Timings depend on the machine (CPU, BLAS, threads) and on
-whatever else runs on it: each record carries the 1-minute load average before and after the case
-(`load_1m`); on a 2-core machine a load above ~2 means the case shared the CPU. Compare numbers only from one
-run on one idle machine.
+Timing: for each (tokens, mode) one subprocess builds all layers, warms each up, then runs N rounds; round r
+runs every layer once, starting at layer r mod n, so a change in machine load hits every layer alike (the
+machine may be shared). `ms` is the median over the rounds, `ms_min` the minimum. `torch.set_num_threads(2)`
+(`--threads`).
+Peak memory: for each case (layer, tokens, mode) a fresh subprocess builds the layer and its input, then runs
+one step; peak_mb is the process's peak resident set size during that step minus its resident size just before
+it. The kernel's peak counter is reset through `/proc/self/clear_refs` where allowed (`mem_method:
+vmhwm-reset`), else `ru_maxrss` delta (`ru_maxrss-delta`, which can under-read when setup peaked higher).
+Output: one JSON line per case, then one line of ratios (EVF's time and peak memory divided by each other
+layer's). Timings depend on the machine (CPU, BLAS, threads) and on whatever else runs on it: each record
+carries the 1-minute load average before and after its timing rounds (`load_1m`); on a 2-core machine a load
+above ~2 means the layers shared the CPU with something else, and then 2 OpenMP threads mostly measure
+threads waiting for each other (`--threads 1` is steadier there). Compare numbers only from one run on one
+idle machine.
 
 Run it from the repository root, in its own venv so DeepSpeed stays out of the project's environment (CPU
 torch only):
@@ -340,60 +345,75 @@ class PeakMemory:
         return max(peak - self.base, 0.0)
 
 
-def run_case(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> dict:
-    """Build one layer, time `repeats` steps after `warmup`, measure peak memory; return the JSON record."""
-    torch.set_num_threads(THREADS)
-    module, step, impl = build(layer)
-    x, image_mask = make_inputs(tokens)
-    training = mode == "fwd_bwd"
-    module.train(training)
-    params = [p for p in module.parameters() if p.requires_grad]
-    routed: list[int] | None = None
-    if training:
-        x.requires_grad_(True)
+class Case:
+    """One layer and its input in one mode, ready to run steps."""
 
-    def once() -> None:
-        nonlocal routed
-        if not training:
+    def __init__(self, layer: str, tokens: int, mode: str) -> None:
+        self.layer = layer
+        self.module, self._step, self.impl = build(layer)
+        self.x, self.image_mask = make_inputs(tokens)
+        self.training = mode == "fwd_bwd"
+        self.module.train(self.training)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.routed: list[int] | None = None
+        if self.training:
+            self.x.requires_grad_(True)
+
+    def run(self) -> float:
+        """One inference (`fwd`) or training (`fwd_bwd`) step; returns its wall time in ms."""
+        start = time.perf_counter()
+        if not self.training:
             with torch.inference_mode():
-                _, _, routed = step(x, image_mask)
-            return
-        out, aux, routed = step(x, image_mask)
+                _, _, self.routed = self._step(self.x, self.image_mask)
+            return (time.perf_counter() - start) * 1000
+        out, aux, self.routed = self._step(self.x, self.image_mask)
         loss = out.sum() if aux is None else out.sum() + AUX_WEIGHT * aux
         loss.backward()
-        x.grad = None
-        for p in params:
+        self.x.grad = None
+        for p in self.params:
             p.grad = None
+        return (time.perf_counter() - start) * 1000
 
-    load_before = os.getloadavg()[0]
+
+def measure_memory(layer: str, tokens: int, mode: str) -> dict:
+    """Peak memory of one step of a freshly built layer (run this in a fresh process)."""
+    case = Case(layer, tokens, mode)
     memory = PeakMemory()
     memory.start()
-    for _ in range(warmup):
-        once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - start) * 1000)
+    case.run()
     return {
         "layer": layer,
-        "impl": impl,
-        "tokens": tokens,
-        "mode": mode,
-        "ms": round(statistics.median(times), 3),
-        "ms_min": round(min(times), 3),
-        "ms_max": round(max(times), 3),
+        "impl": case.impl,
         "peak_mb": round(memory.peak_mb(), 1),
         "mem_method": memory.method,
-        "repeats": repeats,
-        "warmup": warmup,
-        "threads": torch.get_num_threads(),
-        "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "trainable_params": sum(p.numel() for p in params),
-        "tokens_per_expert": routed,
-        "torch": torch.__version__,
-        "deepspeed": _version("deepspeed"),
+        "trainable_params": sum(p.numel() for p in case.params),
+        "tokens_per_expert": case.routed,
     }
+
+
+def time_layers(layers: list[str], tokens: int, mode: str, repeats: int, warmup: int) -> list[dict]:
+    """Time all layers in one process, interleaved: round r runs every layer once, starting at layer r mod n,
+    so a change in machine load hits every layer alike. Returns one record per layer."""
+    cases, records = [], []
+    for layer in layers:
+        try:
+            case = Case(layer, tokens, mode)
+            for _ in range(warmup):
+                case.run()
+            cases.append(case)
+        except Exception as error:  # report the failing layer, time the others
+            records.append({"layer": layer, "error": f"{type(error).__name__}: {error}"})
+    times: dict[str, list[float]] = {case.layer: [] for case in cases}
+    load_before = os.getloadavg()[0]
+    for round_ in range(repeats):
+        start = round_ % max(len(cases), 1)
+        for case in cases[start:] + cases[:start]:
+            times[case.layer].append(case.run())
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    for layer, samples in times.items():
+        stats = {"ms": statistics.median(samples), "ms_min": min(samples), "ms_max": max(samples)}
+        records.append({"layer": layer, **{k: round(v, 3) for k, v in stats.items()}, "load_1m": load})
+    return records
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -413,29 +433,52 @@ def skip_reason(layer: str) -> str | None:
     return None
 
 
-def run_in_subprocess(layer: str, tokens: int, mode: str, repeats: int, warmup: int) -> dict:
+def run_child(args: list[str]) -> list[dict] | str:
+    """Run this script with `args` in a fresh process; its JSON lines, or an error message."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
-        "--_case",
-        layer,
-        str(tokens),
-        mode,
-        "--repeats",
-        str(repeats),
-        "--warmup",
-        str(warmup),
+        *args,
+        "--threads",
+        str(torch.get_num_threads()),
     ]
-    base = {"layer": layer, "tokens": tokens, "mode": mode}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {CASE_TIMEOUT_S} s"}
-    records = [line for line in proc.stdout.splitlines() if line.startswith('{"layer"')]
+        return f"timed out after {CASE_TIMEOUT_S} s"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"layer"')]
     if proc.returncode != 0 or not records:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**base, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(records[-1])
+        return f"exit {proc.returncode}: " + " | ".join(tail)
+    return records
+
+
+def measure(layers: list[str], tokens: int, mode: str, repeats: int, warmup: int) -> list[dict]:
+    """Timing (one process, interleaved) and memory (one fresh process per layer) of every layer."""
+    timed = run_child(
+        ["--_time", str(tokens), mode, *layers, "--repeats", str(repeats), "--warmup", str(warmup)]
+    )
+    timing = {r["layer"]: r for r in timed} if isinstance(timed, list) else {}
+    records = []
+    for layer in layers:
+        memory = run_child(["--_memory", layer, str(tokens), mode])
+        time_rec = timing.get(layer, {"error": timed if isinstance(timed, str) else "no timing record"})
+        if isinstance(memory, str) or "error" in time_rec:
+            error = time_rec.get("error") or f"memory: {memory}"
+            records.append({"layer": layer, "tokens": tokens, "mode": mode, "error": error})
+            continue
+        memory = memory[0]
+        record = {"layer": layer, "impl": memory["impl"], "tokens": tokens, "mode": mode}
+        record |= {k: time_rec[k] for k in ("ms", "ms_min", "ms_max")} | {"peak_mb": memory["peak_mb"]}
+        record |= {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "deepspeed": _version("deepspeed"),
+        }
+        record |= {"repeats": repeats, "warmup": warmup, "load_1m": time_rec["load_1m"]}
+        record |= {k: memory[k] for k in ("mem_method", "trainable_params", "tokens_per_expert")}
+        records.append(record)
+    return records
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -443,7 +486,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """EVF's ms and peak_mb divided by each other layer's, per (tokens, mode)."""
+    """EVF's ms (median), ms_min and peak_mb divided by each other layer's, per (tokens, mode)."""
     table = {(r["layer"], r["tokens"], r["mode"]): r for r in records if "ms" in r}
     rows = []
     for (layer, tokens, mode), evf in table.items():
@@ -453,17 +496,13 @@ def ratios(records: list[dict]) -> list[dict]:
         for other in ("dense", "deepspeed", "deepspeed-einsum"):
             ref = table.get((other, tokens, mode))
             if ref is not None:
-                row[f"evf/{other}"] = {
-                    "ms": _ratio(evf["ms"], ref["ms"]),
-                    "peak_mb": _ratio(evf["peak_mb"], ref["peak_mb"]),
-                }
+                row[f"evf/{other}"] = {key: _ratio(evf[key], ref[key]) for key in ("ms", "ms_min", "peak_mb")}
         rows.append(row)
     return rows
 
 
 def parity_check(tokens: int = 512) -> None:
     """Eval mode, nothing dropped, both experts = the same FFN: every MoE output must equal p_max * FFN(x)."""
-    torch.set_num_threads(THREADS)
     x, image_mask = make_inputs(tokens)
     probs = F.linear(x.reshape(-1, HIDDEN_SIZE), router_weight()).softmax(-1).max(-1).values
     with torch.inference_mode():
@@ -498,17 +537,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS, help="layers to measure")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="fwd and/or fwd_bwd")
     parser.add_argument(
+        "--threads", type=int, default=THREADS, help="torch threads (1 is steadier on a busy machine)"
+    )
+    parser.add_argument(
         "--check", action="store_true", help="only check that the MoE layers agree; no timing"
     )
-    parser.add_argument("--_case", nargs=3, metavar=("LAYER", "TOKENS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", nargs=3, metavar=("LAYER", "TOKENS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--_time", nargs="+", metavar="TOKENS MODE LAYER", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args._case:
-        layer, tokens, mode = args._case
-        print(json.dumps(run_case(layer, int(tokens), mode, args.repeats, args.warmup)), flush=True)
+    torch.set_num_threads(args.threads)
+    if args._memory:
+        layer, tokens, mode = args._memory
+        print(json.dumps(measure_memory(layer, int(tokens), mode)), flush=True)
+        return
+    if args._time:
+        tokens, mode, *layers = args._time
+        for record in time_layers(layers, int(tokens), mode, args.repeats, args.warmup):
+            print(json.dumps(record), flush=True)
         return
     if args.check:
         parity_check()
@@ -523,8 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for tokens in args.tokens:
         for mode in args.modes:
-            for layer in layers:
-                record = run_in_subprocess(layer, tokens, mode, args.repeats, args.warmup)
+            for record in measure(layers, tokens, mode, args.repeats, args.warmup):
                 print(json.dumps(record), flush=True)
                 records.append(record)
     print(json.dumps({"ratios": ratios(records)}), flush=True)
