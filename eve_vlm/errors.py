@@ -25,3 +25,8 @@ class CheckpointError(EveError, RuntimeError):
 class DataError(EveError, ValueError):
     """A data file or row is malformed: bad JSON, a missing or corrupt image, a conversation that does not
     render or does not fit."""
+
+
+class AssetError(EveError, RuntimeError):
+    """A pretrained part or data set cannot be prepared (a source package is missing or its contents are not
+    what the converter expects), or `eve prepare` has not been run."""

@@ -1,0 +1,196 @@
+"""easy-VQA (PyPI `easy-vqa`, MIT; vzhou842/easy-VQA) -> LLaVA JSON for the three quickstart stages.
+
+easy-VQA is 64x64 PNGs of one coloured shape (3 shapes, 8 colours) with templated questions: 4,000 train
+images / 38,575 questions and 1,000 test images / 9,673 questions, 13 one-word answers. It ships no captions,
+so stage-1 captions are inferred from each image's own questions and answers:
+
+- "what is the blue shape?" -> rectangle gives both attributes; "what color is the triangle?" -> red too;
+- a yes/no question states a fact when the answer is affirmative after negation ("is there not a red
+  shape?" -> no means red); a denied attribute is ruled out, so when two shapes (or seven colours) are ruled
+  out the remaining one is inferred.
+
+This names the shape of 3,837 and the colour of 3,712 of the 4,000 train images (every named colour matches
+the image's pixels); the caption says what is known ("A blue triangle.", "A blue shape.", "A triangle."),
+giving 3,971 caption rows; the 29 images with neither known get none.
+
+Files written (image paths relative to the JSON files' folder, which is LLaVA's default image folder):
+
+- `captions.json`: stage 1, one row per captioned train image, human "<image>\\nDescribe the image in a few
+  words." and the caption as the gpt turn (the `plain` template uses image + caption only);
+- `train.json`: stages 2/3, one row per train question: "<image>\\n<Question>? Answer with one word." and the
+  one-word answer; the instruction makes the expected reply format explicit to a chat LM;
+- `test.json`: evaluation only (never trained on), the same rows for the test split;
+- `images/{train,test}/<id>.png`: copies of the package's images.
+
+Every row also carries `question_type` (`shape`, `color` or `yes-no`, from the answer); test rows carry
+`answers` (the accepted answers, here the single one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+CAPTION_PROMPT = "Describe the image in a few words."
+VQA_INSTRUCTION = "Answer with one word."
+SPLITS = ("train", "test")
+
+
+def question_type(answer: str) -> str:
+    """`shape`, `color` or `yes-no`, from the answer."""
+    if answer in SHAPES:
+        return "shape"
+    if answer in COLORS:
+        return "color"
+    if answer in ("yes", "no"):
+        return "yes-no"
+    raise ValueError(f"unknown easy-VQA answer {answer!r}")
+
+
+def question_facts(question: str, answer: str) -> tuple[dict[str, str], set[str]]:
+    """What one question/answer pair says about its image.
+
+    Returns:
+        `(facts, ruled_out)`: facts as `{"shape": ..., "color": ...}` (either may be absent) and the set of
+        shapes/colours the pair says are not in the image.
+    """
+    words = re.findall(r"[a-z]+", question.lower())
+    shape = next((w for w in words if w in SHAPES), None)
+    color = next((w for w in words if w in COLORS), None)
+    facts: dict[str, str] = {}
+    if answer in ("yes", "no"):
+        negated = "not" in words or "no" in words
+        present = (answer == "yes") != negated
+        named = {k: v for k, v in (("shape", shape), ("color", color)) if v}
+        if present:
+            return named, set()
+        return {}, set(named.values())
+    # A "what ..." question: the answer is one attribute; a word in the question names the other.
+    facts[question_type(answer)] = answer
+    if shape:
+        facts["shape"] = shape
+    if color:
+        facts["color"] = color
+    return facts, set()
+
+
+def image_facts(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The shape and colour of an image, as far as its question/answer pairs reveal them.
+
+    Raises:
+        ValueError: when two pairs contradict each other.
+    """
+    facts: dict[str, str] = {}
+    ruled_out: set[str] = set()
+    for question, answer in pairs:
+        new, out = question_facts(question, answer)
+        ruled_out |= out
+        for key, value in new.items():
+            if facts.setdefault(key, value) != value:
+                raise ValueError(f"contradicting answers: {key} is {facts[key]!r} and {value!r}")
+    for key, values in (("shape", SHAPES), ("color", COLORS)):
+        left = [v for v in values if v not in ruled_out]
+        if key not in facts and len(left) == 1:
+            facts[key] = left[0]
+    return facts
+
+
+def caption_for(facts: dict[str, str]) -> str | None:
+    """The caption ("A blue triangle.", "A blue shape." or "A triangle."), or None when nothing is known."""
+    if not facts:
+        return None
+    words = [facts[k] for k in ("color", "shape") if k in facts]
+    if "shape" not in facts:
+        words.append("shape")
+    return f"A {' '.join(words)}."
+
+
+def vqa_row(row_id: str, image: str, question: str, answer: str, *, with_answers: bool) -> dict:
+    """One LLaVA row for a question about `image` (a path relative to the JSON file)."""
+    prompt = f"<image>\n{question[:1].upper()}{question[1:]} {VQA_INSTRUCTION}"
+    row = {
+        "id": row_id,
+        "image": image,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+        "question_type": question_type(answer),
+    }
+    if with_answers:
+        row["answers"] = [answer]
+    return row
+
+
+def caption_rows(questions, answers, image_ids, image_path) -> list[dict]:
+    """Stage-1 rows, one per image whose questions reveal its shape or colour, in image id order."""
+    pairs = defaultdict(list)
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        pairs[image_id].append((question, answer))
+    rows = []
+    for image_id in sorted(pairs):
+        caption = caption_for(image_facts(pairs[image_id]))
+        if caption is None:
+            continue
+        rows.append(
+            {
+                "id": f"easy-vqa-caption-{image_id}",
+                "image": image_path(image_id),
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                    {"from": "gpt", "value": caption},
+                ],
+            }
+        )
+    return rows
+
+
+def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Writes a JSON array with one row per line (deterministic bytes, readable, diffable)."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
+
+
+def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
+    """Writes captions.json, train.json, test.json and the images into `out_dir`.
+
+    Args:
+        out_dir: Destination folder (created if missing).
+        source: An object with easy-VQA's API (default: the installed `easy_vqa` module).
+
+    Returns:
+        Counts: images and questions per split, caption rows, and questions per type in the test split.
+    """
+    if source is None:
+        import easy_vqa as source
+    out = Path(out_dir)
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        questions, answers, image_ids = getattr(source, f"get_{split}_questions")()
+        image_files = getattr(source, f"get_{split}_image_paths")()
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for image_id in sorted(image_files):
+            shutil.copyfile(image_files[image_id], out / "images" / split / f"{image_id}.png")
+
+        def image_path(image_id, split=split):
+            return f"images/{split}/{image_id}.png"
+
+        rows = [
+            vqa_row(f"easy-vqa-{split}-{k}", image_path(i), q, a, with_answers=split == "test")
+            for k, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
+        ]
+        write_json_rows(out / f"{split}.json", rows)
+        counts[f"{split}_images"] = len(image_files)
+        counts[f"{split}_questions"] = len(rows)
+        if split == "train":
+            captions = caption_rows(questions, answers, image_ids, image_path)
+            write_json_rows(out / "captions.json", captions)
+            counts["captions"] = len(captions)
+        else:
+            for qtype in ("shape", "color", "yes-no"):
+                counts[f"test_{qtype}"] = sum(r["question_type"] == qtype for r in rows)
+    return counts
