@@ -8,6 +8,7 @@ import sys
 
 from eve_vlm.assets import add_prepare_parser
 from eve_vlm.errors import EveError
+from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.serve.chat import add_chat_parser
 
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters (text path then changes)")
     p.set_defaults(func=_export)
     add_chat_parser(sub)
+    add_eval_parser(sub)
     add_prepare_parser(sub)
     p = sub.add_parser("inspect", help="print a saved model's structure and parameter counts")
     p.add_argument("model_dir")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
+from eve_vlm.assets import eve_home
 from eve_vlm.data.collator import EveCollator, LlavaDataset
 from eve_vlm.data.conversations import ConversationEncoder
 from eve_vlm.data.llava import DataSource, load_rows
@@ -38,7 +39,8 @@ DONE_MARKER = "eve_training.json"
 
 
 def expand(path: str) -> str:
-    """`~` and `$VARS` expanded."""
+    """`~` and `$VARS` expanded; `$EVE_HOME` defaults to the asset folder of `eve prepare`."""
+    path = path.replace("${EVE_HOME}", str(eve_home())).replace("$EVE_HOME", str(eve_home()))
     return os.path.expanduser(os.path.expandvars(path))
 
 

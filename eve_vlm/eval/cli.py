@@ -1,0 +1,216 @@
+"""`eve eval vqa|language|routing|all`: the evaluation commands (registered by `add_eval_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from eve_vlm.errors import ConfigError, DataError
+
+__all__ = ["add_eval_parser"]
+
+# `eve_vlm.model.allocation.ALLOCATION_POLICIES`, spelled out so building the parser does not import torch
+# (a test checks that they agree).
+POLICIES = ("rts", "position", "bpr", "gbpr", "img_gbpr", "modality")
+
+
+def load_model_and_processor(model_dir: str):
+    """An Eve model (eval mode) and its processor from a saved folder."""
+    import eve_vlm  # noqa: F401  (registers the Auto classes)
+    from eve_vlm.model import EveForConditionalGeneration, EveProcessor
+
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"Model folder {model_dir} does not exist.")
+    model = EveForConditionalGeneration.from_pretrained(model_dir).eval()
+    return model, EveProcessor.from_pretrained(model_dir)
+
+
+def _write_json(data: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _run_vqa(args, model, processor, out_dir: str) -> dict:
+    from eve_vlm.eval.vqa import evaluate_vqa, load_vqa_rows
+
+    rows = load_vqa_rows(args.data, args.images, limit=args.limit)
+    result = evaluate_vqa(
+        model,
+        processor,
+        rows,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt_suffix=args.prompt_suffix,
+        progress=not args.quiet,
+    )
+    predictions = result.pop("predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vqa_predictions.jsonl"), "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    _write_json(result, os.path.join(out_dir, "vqa_metrics.json"))
+    return result
+
+
+def _run_language(args, model, processor, out_dir: str | None) -> dict:
+    from eve_vlm.eval.language import evaluate_language, load_mc_items, load_texts
+
+    if not args.text and not args.mc:
+        raise DataError("Nothing to evaluate: give --text FILE and/or --mc FILE.")
+    texts = [t for path in args.text or [] for t in load_texts(path)]
+    mc = {os.path.splitext(os.path.basename(p))[0]: load_mc_items(p) for p in args.mc or []}
+    base, base_name = None, None
+    if args.base:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(args.base).eval()
+        base_name = f"{args.base} (AutoModelForCausalLM)"
+    result = evaluate_language(
+        model,
+        processor.tokenizer,
+        texts,
+        mc,
+        base,
+        chunk_len=args.chunk_len,
+        batch_size=args.batch_size,
+        base_name=base_name,
+        progress=not args.quiet,
+    )
+    if out_dir:
+        _write_json(result, os.path.join(out_dir, "language_metrics.json"))
+    return result
+
+
+def _run_routing(args, model, processor, out_dir: str) -> tuple[dict, list[str]]:
+    from eve_vlm.eval.routing import evaluate_routing, plot_routing
+    from eve_vlm.eval.vqa import load_vqa_rows
+
+    rows = load_vqa_rows(args.data, args.images)
+    result = evaluate_routing(
+        model,
+        processor,
+        rows,
+        policies=args.policies,
+        capacity=args.capacity,
+        batch_size=args.routing_batch_size,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    _write_json(result, os.path.join(out_dir, "routing_metrics.json"))
+    return result, plot_routing(result, out_dir)
+
+
+def _vqa(args: argparse.Namespace) -> None:
+    model, processor = load_model_and_processor(args.model)
+    print(json.dumps(_run_vqa(args, model, processor, args.out), indent=2))
+
+
+def _language(args: argparse.Namespace) -> None:
+    model, processor = load_model_and_processor(args.model)
+    print(json.dumps(_run_language(args, model, processor, args.out), indent=2))
+
+
+def _routing(args: argparse.Namespace) -> None:
+    model, processor = load_model_and_processor(args.model)
+    result, plots = _run_routing(args, model, processor, args.out)
+    print(json.dumps({"policies": list(result["policies"]), "plots": plots, "out": args.out}, indent=2))
+
+
+def _all(args: argparse.Namespace) -> None:
+    from eve_vlm.eval.report import write_report
+
+    model, processor = load_model_and_processor(args.model)
+    name = args.name or os.path.basename(os.path.normpath(args.model))
+    args.data = args.vqa
+    metrics = {"vqa": _run_vqa(args, model, processor, args.out)}
+    if args.text or args.mc:
+        metrics["language"] = _run_language(args, model, processor, args.out)
+    plots = []
+    if model.evf_layers:
+        metrics["routing"], plots = _run_routing(args, model, processor, args.out)
+    report = write_report({name: metrics}, args.out, {name: plots})
+    print(f"wrote {report} and {os.path.join(args.out, 'metrics.json')}")
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True, out_default: str | None = "runs/eval") -> None:
+    p.add_argument("--model", required=True, help="saved Eve model folder (model + processor)")
+    if data:
+        p.add_argument("--data", required=True, help="LLaVA-format eval file (.json or .jsonl)")
+        p.add_argument(
+            "--images", default=None, help="folder of the rows' images (default: the file's folder)"
+        )
+    p.add_argument("--out", default=out_default, help="output folder")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _vqa_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens")
+    p.add_argument("--prompt-suffix", default=None, help="text appended to every question on a new line")
+
+
+def _language_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
+    p.add_argument("--base", default=None, help="base LLM folder (default: the model's own language model)")
+    p.add_argument("--text", action="append", help="text file for perplexity (.txt, or .jsonl with 'text')")
+    p.add_argument(
+        "--mc", action="append", help="multiple-choice JSONL (question, choices, label); repeatable"
+    )
+    p.add_argument("--chunk-len", type=int, default=512, help="tokens per perplexity chunk")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+
+
+def _routing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="allocation policies to run"
+    )
+    p.add_argument(
+        "--capacity",
+        default="train",
+        choices=("train", "eval"),
+        help="capacity factor: each EVF's training one (default) or its eval one",
+    )
+    p.add_argument(
+        "--routing-batch-size", type=int, default=4, help="rows per forward (capacity is per batch)"
+    )
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `eve eval vqa|language|routing|all` on the `eve` command's subparsers."""
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a model: VQA, language vs base LLM, routing, report"
+    )
+    sub = parser.add_subparsers(dest="eval_command", required=True)
+
+    p = sub.add_parser("vqa", help="VQA accuracy (VQAv2 normalisation) with predictions JSONL")
+    _common(p)
+    _vqa_options(p)
+    p.set_defaults(func=_vqa)
+
+    p = sub.add_parser("language", help="perplexity and multiple-choice accuracy, model vs base LLM")
+    _common(p, data=False, out_default=None)
+    _language_options(p)
+    p.set_defaults(func=_language)
+
+    p = sub.add_parser("routing", help="EVF routing per layer and allocation policy, with plots")
+    _common(p)
+    _routing_options(p)
+    p.set_defaults(func=_routing)
+
+    p = sub.add_parser("all", help="VQA + language + routing, then report.md and metrics.json")
+    p.add_argument("--model", required=True, help="saved Eve model folder (model + processor)")
+    p.add_argument("--vqa", required=True, help="LLaVA-format VQA eval file")
+    p.add_argument("--images", default=None, help="folder of the rows' images (default: the file's folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", default=None, help="model name in the report (default: the folder name)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _vqa_options(p)
+    _language_options(p, batch=False)
+    _routing_options(p)
+    p.set_defaults(func=_all)
+    return parser
