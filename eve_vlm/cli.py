@@ -8,6 +8,7 @@ import sys
 
 from eve_vlm.assets import add_prepare_parser
 from eve_vlm.errors import EveError
+from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.serve.chat import add_chat_parser
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)
+    add_quickstart_parser(sub)
     p = sub.add_parser("inspect", help="print a saved model's structure and parameter counts")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true", help="print JSON")
