@@ -8,8 +8,8 @@ import sys
 
 from eve_vlm.assets import add_prepare_parser
 from eve_vlm.errors import EveError
-from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.eval.cli import add_eval_parser
+from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.serve.chat import add_chat_parser
 
 

@@ -87,8 +87,13 @@ class Evaluator:
         vqa = evaluate_vqa(model, processor, self.vqa_rows, batch_size=16, max_new_tokens=4, progress=True)
         vqa.pop("predictions", None)
         language = evaluate_language(
-            model, processor.tokenizer, self.texts, {"wordnet_mc": self.mc}, base=self.base_lm(),
-            base_name="SmolLM2-135M-Instruct", batch_size=8,
+            model,
+            processor.tokenizer,
+            self.texts,
+            {"wordnet_mc": self.mc},
+            base=self.base_lm(),
+            base_name="SmolLM2-135M-Instruct",
+            batch_size=8,
         )
         metrics, plots = {"vqa": vqa, "language": language}, []
         if routing and model.evf_layers:
@@ -172,5 +177,8 @@ def add_quickstart_parser(subparsers) -> None:
     p.add_argument("--with-baseline", action="store_true", help="also train a full-LLM stage 2 (LLaVA-style)")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and tiny evaluations")
     p.add_argument("--vqa-limit", type=int, default=500, help="easy-VQA test questions evaluated")
-    p.set_defaults(func=lambda a: run_quickstart(a.out, with_baseline=a.with_baseline, smoke=a.smoke,
-                                                 vqa_limit=a.vqa_limit))
+    p.set_defaults(
+        func=lambda a: run_quickstart(
+            a.out, with_baseline=a.with_baseline, smoke=a.smoke, vqa_limit=a.vqa_limit
+        )
+    )

@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from eve_vlm.data.collator import EveCollator
@@ -49,17 +48,6 @@ __all__ = [
 
 POLICIES = tuple(ALLOCATION_POLICIES)
 CAPACITIES = ("train", "eval")
-
-
-def _image_loader(processor):
-    def load(paths: list[str]) -> torch.Tensor:
-        images = []
-        for path in paths:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    return load
 
 
 def routing_examples(model, processor, rows: list, *, max_length: int = 2048) -> list[dict]:
@@ -98,7 +86,7 @@ def routing_batches(processor, examples: list[dict], *, batch_size: int = 4) -> 
     """
     pad_id = processor.tokenizer.pad_token_id
     collator = EveCollator(
-        pad_id if pad_id is not None else processor.tokenizer.eos_token_id, _image_loader(processor)
+        pad_id if pad_id is not None else processor.tokenizer.eos_token_id, processor.load_images
     )
     for chunk in _chunks(examples, batch_size):
         yield collator(chunk)

@@ -8,6 +8,8 @@ never embeds the placeholder, it overwrites it with image features).
 
 from __future__ import annotations
 
+import torch
+from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -123,6 +125,14 @@ class EveProcessor(ProcessorMixin):
                 "pixel_values"
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def load_images(self, paths: list[str]) -> torch.Tensor:
+        """`pixel_values` (N, 3, H, W) for image files, in order (the collators' image loader)."""
+        images = []
+        for path in paths:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from eve_vlm.errors import ConfigError
+from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
 
 STAGES = (1, 2, 3)
 
@@ -123,7 +124,8 @@ class LoraSpec:
 
 @dataclass
 class EvfSpec:
-    """Stage-3 Elastic Vision FFN insertion (see `EvfConfig` for the meaning of each option)."""
+    """Stage-3 Elastic Vision FFN insertion: `EvfConfig`'s options (see there for their meaning, validated the
+    same way) with a `placement` instead of layer indices, and the balance-loss weight."""
 
     placement: str | list[int] = "alternate"
     num_experts: int = 2
@@ -136,6 +138,13 @@ class EvfSpec:
     balance_loss: str = "switch"
     use_residual: bool = False
     aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.placement, str) and self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"evf.placement={self.placement!r}: use one of {PLACEMENTS} or a list of layer indices."
+            )
+        EvfConfig.from_dict(self.options())  # the same checks as the model's
 
     def options(self) -> dict:
         out = dataclasses.asdict(self)

@@ -122,20 +122,6 @@ def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, lo
     return dataset
 
 
-def image_loader(processor: EveProcessor):
-    """Turns image paths into `pixel_values` with the processor's image processor."""
-    from PIL import Image
-
-    def load(paths: list[str]) -> torch.Tensor:
-        images = []
-        for path in paths:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    return load
-
-
 def training_arguments(recipe: Recipe) -> TrainingArguments:
     t = recipe.training
     return TrainingArguments(
@@ -218,7 +204,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=EveCollator(processor.tokenizer.pad_token_id, image_loader(processor)),
+        data_collator=EveCollator(processor.tokenizer.pad_token_id, processor.load_images),
         callbacks=callbacks,
     )
     resume = recipe.training.resume_from_checkpoint

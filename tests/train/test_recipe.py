@@ -85,3 +85,14 @@ def test_overrides(tmp_path):
         load_recipe(write(tmp_path, minimal()), ["training.max_stepz=7"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_recipe(write(tmp_path, minimal()), ["training.max_steps"])
+
+
+def test_bad_evf_options_fail_at_load(tmp_path):
+    data = minimal()
+    data["stage"] = 3
+    data["evf"] = {"allocation": "gpbr"}
+    with pytest.raises(ConfigError, match="'gpbr' is unknown"):
+        load_recipe(write(tmp_path, data))
+    data["evf"] = {"placement": "odd"}
+    with pytest.raises(ConfigError, match="placement='odd'"):
+        load_recipe(write(tmp_path, data))
