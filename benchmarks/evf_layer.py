@@ -39,7 +39,7 @@ idle machine.
 Run it from the repository root, in its own venv so DeepSpeed stays out of the project's environment (CPU
 torch only):
 
-    python3 -m venv /work/bench-venv && source /work/bench-venv/bin/activate
+    python3 -m venv .bench-venv && source .bench-venv/bin/activate
     pip install torch==2.13.0     # the CPU wheel first; never let pip pull a CUDA torch or torchvision
     pip install deepspeed -e .    # DeepSpeed, and eve_vlm with its dependencies (transformers, peft, pillow...)
     pip list | grep -i torch      # must still show 2.13.0+cpu and no torchvision
