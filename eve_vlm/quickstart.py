@@ -61,13 +61,8 @@ class Evaluator:
         rows = load_vqa_rows(str(paths["easy_vqa_test"]), None)
         step = max(1, len(rows) // vqa_limit)
         self.vqa_rows = rows[::step][:vqa_limit]  # spread over the whole test split
-        texts, size = [], 0
-        for text in load_texts(str(paths["lang_text"])):
-            texts.append(text)
-            size += len(text)
-            if size >= text_chars:
-                break
-        self.texts = texts
+        text = "\n".join(load_texts(str(paths["lang_text"])))
+        self.texts = [text[: text.rfind("\n", 0, text_chars) if len(text) > text_chars else len(text)]]
         self.mc = load_mc_items(str(paths["lang_mc"]))[:mc_limit]
         self.routing_limit = routing_limit
         self.base_dir = str(paths["llm"])

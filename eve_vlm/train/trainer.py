@@ -48,7 +48,7 @@ class EveTrainer(Trainer):
             for key, value in routing_metrics(outputs.routing).items():
                 self._routing_sums[key] += value
                 self._routing_counts[key] += 1
-            self._routing_sums["aux_loss"] += float(outputs.aux_loss)
+            self._routing_sums["aux_loss"] += float(outputs.aux_loss.detach())
             self._routing_counts["aux_loss"] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
