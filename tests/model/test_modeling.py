@@ -27,7 +27,6 @@ def test_forward_loss_backward_generate(family, tower, projector):
     assert torch.isfinite(out.loss) and out.aux_loss > 0
     assert sorted(out.routing) == [0, 2]
     out.loss.backward()
-    assert model.projector[0].weight.grad is not None if projector == "mlp2x_gelu" else True
     for name, p in model.named_parameters():
         if p.requires_grad and ("projector" in name or "router" in name):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
