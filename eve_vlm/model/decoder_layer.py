@@ -125,19 +125,8 @@ def to_eve_layer(layer: nn.Module, layer_idx: int, evf: EvfConfig, hidden_size: 
             f"Decoder layer {layer_idx} ({type(layer).__name__}) has submodules {sorted(children)}; EVF insertion "
             f"supports the pre-norm block {sorted(PRE_NORM_BLOCK)} (Llama, Qwen2, Qwen3, Mistral families)."
         )
-    mlp = ElasticVisionFFN(
-        language_ffn=layer.mlp,
-        hidden_size=hidden_size,
-        num_experts=evf.num_experts,
-        top_k=evf.top_k,
-        allocation=evf.allocation,
-        capacity_factor=evf.capacity_factor,
-        eval_capacity_factor=evf.eval_capacity_factor,
-        min_capacity=evf.min_capacity,
-        combine=evf.combine,
-        balance_loss=evf.balance_loss,
-        use_residual=evf.use_residual,
-    )
+    options = {k: v for k, v in evf.to_dict().items() if k != "layers"}
+    mlp = ElasticVisionFFN(language_ffn=layer.mlp, hidden_size=hidden_size, **options)
     param = next(layer.mlp.parameters())
     mlp.to(device=param.device)
     return EveDecoderLayer(
