@@ -68,6 +68,7 @@ def routing_examples(model, processor, rows: list, *, max_length: int = 2048) ->
         image_token_id=model.config.image_token_id,
         num_image_tokens=model.config.num_image_tokens,
         max_length=max_length,
+        system_prompt=processor.system_prompt,
     )
     examples = []
     for row in rows:

@@ -288,12 +288,11 @@ def modality_batches(rows: list, batch_size: int) -> Iterable[list]:
             yield group[start : start + batch_size]
 
 
-def render_prompt(tokenizer, question: str, prompt_suffix: str | None = None) -> str:
-    """The question as a user turn, rendered with the chat template and its generation prompt."""
+def render_prompt(processor, question: str, prompt_suffix: str | None = None) -> str:
+    """The question as a user turn, rendered with the chat template and its generation prompt (a question
+    with an image gets the model's own system prompt, `EveProcessor.system_prompt`)."""
     content = question if not prompt_suffix else f"{question}\n{prompt_suffix}"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    return processor.chat_prompt(content)
 
 
 @torch.no_grad()
@@ -320,7 +319,7 @@ def generate_answers(
     try:
         bar = tqdm(total=len(rows), desc="vqa", unit="q", disable=not progress)
         for batch in modality_batches(rows, batch_size):
-            texts = [render_prompt(tokenizer, r.question, prompt_suffix) for r in batch]
+            texts = [render_prompt(processor, r.question, prompt_suffix) for r in batch]
             images = [_open_rgb(r.image) for r in batch if r.image is not None]
             inputs = processor(texts, images=images or None, padding=True).to(model.device)
             if "pixel_values" in inputs:

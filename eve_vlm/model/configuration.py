@@ -35,7 +35,8 @@ class EvfConfig:
         capacity_factor: Capacity factor in training mode.
         eval_capacity_factor: Capacity factor in eval mode (2.0 keeps every token when num_experts=2).
         min_capacity: Lower bound on the per-expert capacity.
-        combine: `soft` (expert output times router probability) or `hard` (weight 1).
+        combine: `soft` (expert output times router probability), `hard` (weight 1) or
+            `straight_through` (weight 1 in the forward, the soft weight's gradient to the router).
         balance_loss: `switch`, `l1` or `none`.
         use_residual: DeepSpeed residual MoE: mix the MoE output with the dense language FFN.
     """
@@ -117,6 +118,8 @@ class EveConfig(PreTrainedConfig):
         text_config: Config of the causal LM (any `AutoModelForCausalLM`); default Llama.
         image_size: Input image side in pixels; defaults to `vision_config.image_size`.
         vision_feature_layer: Hidden-state index taken from the vision tower (-2: penultimate).
+        vision_feature_norm: Standardise each patch feature (LayerNorm without parameters) before the
+            projector.
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
         projector_grid: Output grid side of `ldpv2`.
         image_token: Text of the image placeholder.
@@ -136,6 +139,7 @@ class EveConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     image_size: int | None = None
     vision_feature_layer: int = -2
+    vision_feature_norm: bool = False
     projector_type: str = "mlp2x_gelu"
     projector_grid: int | None = None
     image_token: str = "<image>"

@@ -35,7 +35,7 @@ from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert
 
 __all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingStats"]
 
-COMBINE_MODES = ("soft", "hard")
+COMBINE_MODES = ("soft", "hard", "straight_through")
 BALANCE_LOSSES = ("switch", "l1", "none")
 ROUTER_INIT_STD = 0.02
 
@@ -121,7 +121,10 @@ class ElasticVisionFFN(nn.Module):
         min_capacity: Lower bound on the per-expert capacity.
         combine: `soft`: expert output times the router probability of that expert (DeepSpeed; not
             renormalised for top_k=1, renormalised over the k chosen experts for top_k > 1);
-            `hard`: weight 1 (top_k=1 only).
+            `hard`: weight 1 (top_k=1 only), so the router learns from the balance loss alone;
+            `straight_through`: `p / p.detach()`, worth 1 in the forward (the layer computes what `hard`
+            computes, so inserting copies of the FFN changes nothing) while the router gets the gradient the
+            soft weight `p` would give, scaled by 1/p (top_k=1 only; our option, not in DeepSpeed).
         balance_loss: `switch`: `E * sum_e(mean_prob_e * fraction_e)`; `l1`: `sum_e |mean_prob_e -
             fraction_e|`; `none`. fraction_e = share of tokens whose first choice is e, before capacity.
             Always 0 with `modality` allocation.
@@ -278,6 +281,8 @@ class ElasticVisionFFN(nn.Module):
     def _combine_weights(self, weights: Tensor) -> Tensor:
         if self.combine == "hard":
             return torch.ones_like(weights)
+        if self.combine == "straight_through":
+            return weights / weights.detach()
         if self.top_k > 1:
             return weights / weights.sum(dim=-1, keepdim=True)
         return weights
@@ -343,9 +348,9 @@ def validate_options(
         raise ConfigError(f"min_capacity={min_capacity} must be >= 0.")
     if combine not in COMBINE_MODES:
         raise ConfigError(f"combine={combine!r} is unknown; choose one of {list(COMBINE_MODES)}.")
-    if combine == "hard" and top_k != 1:
+    if combine in ("hard", "straight_through") and top_k != 1:
         raise ConfigError(
-            f"combine='hard' needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1."
+            f"combine={combine!r} needs top_k=1 (got top_k={top_k}); use combine='soft' for top_k > 1."
         )
     if balance_loss not in BALANCE_LOSSES:
         raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")

@@ -104,7 +104,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
     def __init__(self, config: EveConfig):
         super().__init__(config)
         self.vision_tower = EveVisionEncoder.from_config(
-            config.vision_config, image_size=config.image_size, feature_layer=config.vision_feature_layer
+            config.vision_config,
+            image_size=config.image_size,
+            feature_layer=config.vision_feature_layer,
+            feature_norm=config.vision_feature_norm,
         )
         self.projector = build_projector(
             config.projector_type,

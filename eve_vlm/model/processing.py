@@ -48,6 +48,10 @@ class EveProcessor(ProcessorMixin):
         num_image_tokens: Placeholder tokens per image (`EveConfig.num_image_tokens`).
         image_token: The placeholder text.
         chat_template: Defaults to the tokenizer's own.
+        system_prompt: The system message the model was instruction-tuned with (a stage recipe's
+            `data.system_prompt`); prompts for image requests built by `eve chat` and the evaluations use it.
+            None = the chat template's default. Text-only requests never use it: they render as the base
+            LLM's chat does.
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -61,10 +65,12 @@ class EveProcessor(ProcessorMixin):
         num_image_tokens: int = 1,
         image_token: str = "<image>",
         chat_template: str | None = None,
+        system_prompt: str | None = None,
         **kwargs,
     ):
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        self.system_prompt = system_prompt
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -92,6 +98,19 @@ class EveProcessor(ProcessorMixin):
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def chat_prompt(self, content: str, system: str | None = None) -> str:
+        """One user turn (`content`, with `<image>` where an image goes) rendered with the chat template and
+        its generation prompt.
+
+        The system message is `system` if given; else, for a turn with an image, `self.system_prompt`; else
+        the template's default, so a text-only turn renders as it does for the base LLM.
+        """
+        if system is None and self.image_token in content:
+            system = self.system_prompt
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def expand_image_tokens(self, text: str) -> str:
         """Replaces each `<image>` by `num_image_tokens` copies of it."""

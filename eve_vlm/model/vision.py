@@ -3,7 +3,9 @@
 The tower is built with `AutoModel.from_config` (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ... anything
 that returns `hidden_states`). Features come from one hidden layer (default the penultimate, as in LLaVA and
 Eve), and the prefix tokens (CLS, registers) are dropped: their count is the sequence length minus the number
-of patches, so towers with and without CLS are handled alike.
+of patches, so towers with and without CLS are handled alike. Optionally the features are standardised per
+token (a LayerNorm with no parameters, as InternVL's projector starts with a LayerNorm): a tower's inner hidden
+states can be small (DINOv2-S's penultimate layer has |x| ~ 0.4), which slows the projector's alignment.
 
 Shapes: N images, C=3 channels, H=W image side, P = g*g patches, Dv vision hidden size.
 """
@@ -11,6 +13,7 @@ Shapes: N images, C=3 channels, H=W image side, P = g*g patches, Dv vision hidde
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
 
@@ -25,21 +28,31 @@ class EveVisionEncoder(nn.Module):
         image_size: Expected image side in pixels.
         patch_size: The tower's patch size.
         feature_layer: Index into the tower's `hidden_states` (-2 = penultimate).
+        feature_norm: Standardise each patch feature over its Dv channels (LayerNorm without parameters).
     """
 
-    def __init__(self, *, tower: nn.Module, image_size: int, patch_size: int, feature_layer: int = -2):
+    def __init__(
+        self,
+        *,
+        tower: nn.Module,
+        image_size: int,
+        patch_size: int,
+        feature_layer: int = -2,
+        feature_norm: bool = False,
+    ):
         super().__init__()
         self.tower = tower
         self.image_size = image_size
         self.patch_size = patch_size
         self.feature_layer = feature_layer
+        self.feature_norm = feature_norm
         # CLIP and SigLIP need position interpolation when run at another size than they were built for.
         native = getattr(tower.config, "image_size", image_size)
         self.interpolate = native != image_size and tower.config.model_type != "dinov2"
 
     @classmethod
     def from_config(
-        cls, vision_config: PreTrainedConfig, *, image_size: int, feature_layer: int
+        cls, vision_config: PreTrainedConfig, *, image_size: int, feature_layer: int, feature_norm: bool = False
     ) -> EveVisionEncoder:
         """Builds the tower from its config (random weights; load real ones with `from_pretrained`)."""
         tower = AutoModel.from_config(vision_config)
@@ -48,6 +61,7 @@ class EveVisionEncoder(nn.Module):
             image_size=image_size,
             patch_size=int(vision_config.patch_size),
             feature_layer=feature_layer,
+            feature_norm=feature_norm,
         )
 
     @property
@@ -76,4 +90,7 @@ class EveVisionEncoder(nn.Module):
         hidden = out.hidden_states[self.feature_layer]  # (N, prefix + P, Dv)
         prefix = hidden.shape[1] - self.num_patches
         assert prefix >= 0, f"tower returned {hidden.shape[1]} tokens for {self.num_patches} patches"
-        return hidden[:, prefix:]
+        patches = hidden[:, prefix:]  # (N, P, Dv)
+        if self.feature_norm:
+            patches = F.layer_norm(patches, patches.shape[-1:])
+        return patches

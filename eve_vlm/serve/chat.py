@@ -15,12 +15,10 @@ from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 
 
 def build_prompt(processor: EveProcessor, question: str, with_image: bool, system: str | None = None) -> str:
-    """The chat-template prompt for one user turn."""
+    """The chat-template prompt for one user turn (an image request gets the model's own system prompt
+    unless `system` is given)."""
     content = f"{processor.image_token}\n{question}" if with_image else question
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": content}
-    ]
-    return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor.chat_prompt(content, system)
 
 
 def load_image(path: str) -> Image.Image:

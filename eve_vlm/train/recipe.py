@@ -37,6 +37,8 @@ class ModelSpec:
         projector_grid: Output grid side for `ldpv2`.
         image_size: Input image side; default the tower's.
         vision_feature_layer: Hidden-state index taken from the tower.
+        vision_feature_norm: Standardise each patch feature (LayerNorm without parameters) before the
+            projector.
         dtype: `float32` or `bfloat16` weights.
     """
 
@@ -47,6 +49,7 @@ class ModelSpec:
     projector_grid: int | None = None
     image_size: int | None = None
     vision_feature_layer: int = -2
+    vision_feature_norm: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -76,7 +79,10 @@ class DataSpec:
         template: `chat` (the tokenizer's chat template) or `plain` (image then caption, stage 1).
         max_length: Longest sequence in tokens; truncation never cuts image tokens.
         on_bad_row: `raise` (stop, naming file and row) or `skip` (skip and count).
-        system_prompt: Optional system message for the chat template.
+        system_prompt: System message for rows that have none (chat template); None = the model's own
+            (`EveProcessor.system_prompt`, set by an earlier stage) or the template's default. A stage that
+            sets it saves it with the model, and `eve chat` and the evaluations use it for image requests.
+            A short one (e.g. "") saves tokens: SmolLM2's default system message is 20 tokens.
     """
 
     sources: list[SourceSpec] = field(default_factory=list)

@@ -61,6 +61,7 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
         vision_config=tower.config,
         image_size=spec.image_size,
         vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_norm=spec.vision_feature_norm,
         projector_type=spec.projector_type,
         projector_grid=spec.projector_grid,
     )
@@ -106,6 +107,8 @@ def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, lo
         for s in data.sources
     ]
     loaded = load_rows(sources, on_bad_row=data.on_bad_row, seed=recipe.training.seed)
+    if data.system_prompt is not None and data.template == "chat":
+        processor.system_prompt = data.system_prompt  # saved with the model: chat and evaluation use it
     encoder = ConversationEncoder(
         processor.tokenizer,
         image_token=processor.image_token,
@@ -113,7 +116,7 @@ def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, lo
         num_image_tokens=config.num_image_tokens,
         template=data.template,
         max_length=data.max_length,
-        system_prompt=data.system_prompt,
+        system_prompt=processor.system_prompt,
     )
     dataset = LlavaDataset(loaded.rows, encoder, on_bad_row=data.on_bad_row)
     dataset.skipped = list(loaded.skipped) + list(dataset.skipped)

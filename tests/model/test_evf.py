@@ -95,6 +95,32 @@ def test_soft_combine_matches_a_per_token_reference(capacity_factor):
             assert torch.equal(out[s], torch.zeros(HIDDEN))  # dropped: exactly 0 from the expert branch
 
 
+def test_straight_through_combine_computes_hard_with_the_soft_gradient_over_p():
+    st = _evf(allocation="gbpr", combine="straight_through", capacity_factor=1.0).train()
+    hard = copy.deepcopy(st)
+    hard.combine = "hard"
+    x, mask = _batch(seed=3, batch=2, seq_len=7)
+    out = st(x, mask).hidden_states
+    assert torch.equal(out, hard(x, mask).hidden_states)  # forward: weight exactly 1
+
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    # Reference: sum over kept tokens of <g_s, f_e(x_s)> * p_s / p_s.detach(), differentiated by hand.
+    weight = st.router.weight.detach().clone().requires_grad_(True)
+    tokens, g = x.reshape(-1, HIDDEN), grad_out.reshape(-1, HIDDEN)
+    probs = (tokens @ weight.T).softmax(-1)
+    expert_idx = probs.argmax(-1)
+    keep = _reference_keep_gbpr(probs.detach(), expert_idx, len(tokens) // 2 + len(tokens) % 2)
+    assert (~keep).any()  # capacity really drops a token, so kept-only is checked
+    total = 0.0
+    for s in torch.nonzero(keep).flatten().tolist():
+        e = int(expert_idx[s])
+        inner = (g[s] * st.experts[e](tokens[s : s + 1])[0]).sum().detach()
+        total = total + inner * probs[s, e] / probs[s, e].detach()
+    total.backward()
+    torch.testing.assert_close(st.router.weight.grad, weight.grad)
+
+
 def test_top2_soft_combine_renormalises_over_the_chosen_experts():
     evf = _evf(num_experts=3, top_k=2).eval()
     evf.eval_capacity_factor = 10.0  # nothing dropped
@@ -214,6 +240,7 @@ def test_eval_mode_uses_the_eval_capacity_factor():
         ({"min_capacity": -1}, "min_capacity=-1"),
         ({"combine": "mean"}, "'mean'"),
         ({"combine": "hard", "num_experts": 3, "top_k": 2}, "combine='hard'"),
+        ({"combine": "straight_through", "num_experts": 3, "top_k": 2}, "combine='straight_through'"),
         ({"balance_loss": "kl"}, "'kl'"),
     ],
 )

@@ -61,11 +61,12 @@ def test_text_only_logits_equal_base_lm(family):
     assert_close(model.eval()(input_ids=ids).logits, expected)
 
 
+@pytest.mark.parametrize("combine", ["hard", "straight_through"])
 @pytest.mark.parametrize("allocation", ["img_gbpr", "gbpr", "bpr", "rts", "position", "modality"])
-def test_evf_insertion_parity_hard_combine(family, allocation):
+def test_evf_insertion_parity_hard_combine(family, allocation, combine):
     model = tiny_model(family)
     plain = copy.deepcopy(model)
-    model.add_elastic_vision_ffns("alternate", combine="hard", allocation=allocation)
+    model.add_elastic_vision_ffns("alternate", combine=combine, allocation=allocation)
     ids, pixels = image_batch(model.config)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels)
@@ -73,6 +74,21 @@ def test_evf_insertion_parity_hard_combine(family, allocation):
         assert sum(int(s.kept_image[1:].sum()) for s in out.routing.values()) > 0  # a vision FFN ran
         texts = text_batch()
         assert torch.equal(model(input_ids=texts).logits, plain(input_ids=texts).logits)
+
+
+def test_vision_feature_norm_standardises_each_patch_feature(tmp_path):
+    plain = tiny_model()
+    normed = tiny_model(vision_feature_norm=True)
+    _, pixels = image_batch(plain.config)
+    with torch.no_grad():
+        raw, features = plain.vision_tower(pixels), normed.vision_tower(pixels)  # same seed, same tower
+    assert_close(features, torch.nn.functional.layer_norm(raw, raw.shape[-1:]))
+    assert_close(features.mean(-1), torch.zeros(features.shape[:2]), atol=1e-5, rtol=0)
+    assert not torch.allclose(raw.std(-1), features.std(-1))
+    normed.save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_feature_norm and loaded.vision_tower.feature_norm
+    assert not plain.vision_tower.feature_norm
 
 
 def test_parameter_names_of_base_lm_unchanged_except_evf():

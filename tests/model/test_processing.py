@@ -73,3 +73,26 @@ def test_save_and_load_with_auto_processor(tmp_path):
     text = "<image> what is in this image"
     a, b = processor(text, images=[picture()]), loaded(text, images=[picture()])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_system_prompt_is_saved_and_used_for_image_turns_only(tmp_path):
+    model = tiny_model()
+    processor = make_processor(model)
+    processor.system_prompt = "Be brief."
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.system_prompt == "Be brief."
+    template = loaded.tokenizer.apply_chat_template
+    with_image = loaded.chat_prompt("<image>\nwhat colour")
+    assert with_image == template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nwhat colour"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    text_only = loaded.chat_prompt("what colour")
+    assert "Be brief." not in text_only  # a text-only turn renders as for the base LLM
+    assert text_only == template(
+        [{"role": "user", "content": "what colour"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "Other." in loaded.chat_prompt("<image>\nwhat colour", system="Other.")
+    assert make_processor(model).system_prompt is None
