@@ -236,6 +236,23 @@ def _unwrap_optional(tp):
     return tp
 
 
+def _scalar(tp, value, path: str):
+    """`value` checked against the field's scalar type (`float` also takes ints and YAML 1.1 strings such as
+    `3e-3`, which PyYAML leaves as text); other types pass through."""
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, bool, str) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
 def build(cls, data, where: str):
     """Builds dataclass `cls` from `data`, recursing into nested dataclasses and lists of them."""
     if not dataclasses.is_dataclass(cls):
@@ -259,6 +276,8 @@ def build(cls, data, where: str):
             (item,) = typing.get_args(tp)
             if dataclasses.is_dataclass(item):
                 value = [build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        elif value is not None:
+            value = _scalar(tp, value, path)
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -87,6 +87,21 @@ def test_overrides(tmp_path):
         load_recipe(write(tmp_path, minimal()), ["training.max_steps"])
 
 
+def test_scalar_types_are_checked_and_yaml_1_1_floats_read(tmp_path):
+    path = write(tmp_path, minimal())
+    recipe = load_recipe(path, ["training.learning_rate=3e-3", "training.weight_decay=0"])
+    assert recipe.training.learning_rate == 0.003 and isinstance(recipe.training.weight_decay, float)
+    for override, message in [
+        ("training.learning_rate=fast", "training.learning_rate: expected float, got str 'fast'"),
+        ("training.max_steps=ten", "training.max_steps: expected int, got str 'ten'"),
+        ("training.max_steps=true", "training.max_steps: expected int, got bool True"),
+        ("training.bf16=1", "training.bf16: expected bool, got int 1"),
+        ("data.template=3", "data.template: expected str, got int 3"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(path, [override])
+
+
 def test_bad_evf_options_fail_at_load(tmp_path):
     data = minimal()
     data["stage"] = 3
