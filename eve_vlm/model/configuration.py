@@ -117,7 +117,9 @@ class EveConfig(PreTrainedConfig):
         vision_config: Config of the vision tower (any `AutoModel` vision model); default DINOv2.
         text_config: Config of the causal LM (any `AutoModelForCausalLM`); default Llama.
         image_size: Input image side in pixels; defaults to `vision_config.image_size`.
-        vision_feature_layer: Hidden-state index taken from the vision tower (-2: penultimate).
+        vision_feature_layer: Hidden-state index taken from the vision tower (-2: penultimate), or a list of
+            indices whose features are concatenated on the channel axis (as transformers' Llava allows), e.g.
+            `[0, -2]` to give the projector the patch embeddings, where colour is linear, next to deep features.
         vision_feature_norm: Standardise each patch feature (LayerNorm without parameters) before the
             projector.
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
@@ -138,7 +140,7 @@ class EveConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     image_size: int | None = None
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     vision_feature_norm: bool = False
     projector_type: str = "mlp2x_gelu"
     projector_grid: int | None = None
@@ -171,15 +173,30 @@ class EveConfig(PreTrainedConfig):
                 f"use e.g. {self.image_size // patch * patch or patch}."
             )
         num_layers = int(self.vision_config.num_hidden_layers)
-        if not -num_layers - 1 <= self.vision_feature_layer <= num_layers:
+        layers = self.vision_feature_layers
+        if not layers or not all(
+            isinstance(i, int) and not isinstance(i, bool) and -num_layers - 1 <= i <= num_layers
+            for i in layers
+        ):
             raise ConfigError(
-                f"vision_feature_layer={self.vision_feature_layer} is outside the tower's "
-                f"{num_layers + 1} hidden states."
+                f"vision_feature_layer={self.vision_feature_layer} must be an index (or a non-empty list of "
+                f"indices) into the tower's {num_layers + 1} hidden states."
             )
         num_projected_tokens(self.projector_type, self.patch_grid, self.projector_grid)  # validates the grid
         if self.evf is not None:
             evf = self.evf_config
             resolve_placement(evf.layers, int(self.text_config.num_hidden_layers))
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list."""
+        layer = self.vision_feature_layer
+        return list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Channels of the features the projector receives: the tower's width times the layers taken."""
+        return int(self.vision_config.hidden_size) * len(self.vision_feature_layers)
 
     @property
     def patch_grid(self) -> int:

@@ -106,12 +106,12 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         self.vision_tower = EveVisionEncoder.from_config(
             config.vision_config,
             image_size=config.image_size,
-            feature_layer=config.vision_feature_layer,
+            feature_layer=config.vision_feature_layers,
             feature_norm=config.vision_feature_norm,
         )
         self.projector = build_projector(
             config.projector_type,
-            vision_hidden=int(config.vision_config.hidden_size),
+            vision_hidden=config.vision_feature_size,
             text_hidden=int(config.text_config.hidden_size),
             grid=config.projector_grid,
         )

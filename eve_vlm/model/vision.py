@@ -27,8 +27,10 @@ class EveVisionEncoder(nn.Module):
         tower: A transformers vision model that accepts `pixel_values` and `output_hidden_states`.
         image_size: Expected image side in pixels.
         patch_size: The tower's patch size.
-        feature_layer: Index into the tower's `hidden_states` (-2 = penultimate).
-        feature_norm: Standardise each patch feature over its Dv channels (LayerNorm without parameters).
+        feature_layer: Index into the tower's `hidden_states` (-2 = penultimate), or a list of indices whose
+            features are concatenated on the channel axis (L layers give L * Dv channels).
+        feature_norm: Standardise each layer's patch feature over its Dv channels (LayerNorm without
+            parameters).
     """
 
     def __init__(
@@ -37,14 +39,16 @@ class EveVisionEncoder(nn.Module):
         tower: nn.Module,
         image_size: int,
         patch_size: int,
-        feature_layer: int = -2,
+        feature_layer: int | list[int] = -2,
         feature_norm: bool = False,
     ):
         super().__init__()
         self.tower = tower
         self.image_size = image_size
         self.patch_size = patch_size
-        self.feature_layer = feature_layer
+        self.feature_layers = (
+            list(feature_layer) if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+        )
         self.feature_norm = feature_norm
         # CLIP and SigLIP need position interpolation when run at another size than they were built for.
         native = getattr(tower.config, "image_size", image_size)
@@ -52,7 +56,12 @@ class EveVisionEncoder(nn.Module):
 
     @classmethod
     def from_config(
-        cls, vision_config: PreTrainedConfig, *, image_size: int, feature_layer: int, feature_norm: bool = False
+        cls,
+        vision_config: PreTrainedConfig,
+        *,
+        image_size: int,
+        feature_layer: int | list[int],
+        feature_norm: bool = False,
     ) -> EveVisionEncoder:
         """Builds the tower from its config (random weights; load real ones with `from_pretrained`)."""
         tower = AutoModel.from_config(vision_config)
@@ -75,7 +84,7 @@ class EveVisionEncoder(nn.Module):
             pixel_values: (N, 3, H, W) with H = W = image_size.
 
         Returns:
-            Patch features (N, P, Dv), CLS and register tokens removed.
+            Patch features (N, P, L * Dv) of the L layers taken, CLS and register tokens removed.
         """
         expected = (3, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -87,10 +96,11 @@ class EveVisionEncoder(nn.Module):
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate else {}
         dtype = next(self.tower.parameters()).dtype
         out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **kwargs)
-        hidden = out.hidden_states[self.feature_layer]  # (N, prefix + P, Dv)
-        prefix = hidden.shape[1] - self.num_patches
-        assert prefix >= 0, f"tower returned {hidden.shape[1]} tokens for {self.num_patches} patches"
-        patches = hidden[:, prefix:]  # (N, P, Dv)
-        if self.feature_norm:
-            patches = F.layer_norm(patches, patches.shape[-1:])
-        return patches
+        pieces = []
+        for layer in self.feature_layers:
+            hidden = out.hidden_states[layer]  # (N, prefix + P, Dv)
+            prefix = hidden.shape[1] - self.num_patches
+            assert prefix >= 0, f"tower returned {hidden.shape[1]} tokens for {self.num_patches} patches"
+            patches = hidden[:, prefix:]  # (N, P, Dv)
+            pieces.append(F.layer_norm(patches, patches.shape[-1:]) if self.feature_norm else patches)
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]  # (N, P, L * Dv)

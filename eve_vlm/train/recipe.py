@@ -36,7 +36,8 @@ class ModelSpec:
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
         projector_grid: Output grid side for `ldpv2`.
         image_size: Input image side; default the tower's.
-        vision_feature_layer: Hidden-state index taken from the tower.
+        vision_feature_layer: Hidden-state index taken from the tower, or a list whose features are
+            concatenated.
         vision_feature_norm: Standardise each patch feature (LayerNorm without parameters) before the
             projector.
         dtype: `float32` or `bfloat16` weights.
@@ -48,7 +49,7 @@ class ModelSpec:
     projector_type: str = "mlp2x_gelu"
     projector_grid: int | None = None
     image_size: int | None = None
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     vision_feature_norm: bool = False
     dtype: str = "float32"
 

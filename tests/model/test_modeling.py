@@ -91,6 +91,27 @@ def test_vision_feature_norm_standardises_each_patch_feature(tmp_path):
     assert not plain.vision_tower.feature_norm
 
 
+def test_several_feature_layers_are_concatenated(tmp_path):
+    model = tiny_model(projector="ldp", vision_feature_layer=[0, -2])
+    dv = model.config.vision_config.hidden_size
+    assert model.config.vision_feature_size == 2 * dv
+    assert model.projector.mlp[0].in_features == 2 * dv
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        hidden = model.vision_tower.tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        prefix = hidden[0].shape[1] - model.vision_tower.num_patches
+        expected = torch.cat([hidden[0][:, prefix:], hidden[-2][:, prefix:]], dim=-1)
+        assert torch.equal(model.vision_tower(pixels), expected)
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_feature_layer == [0, -2]
+    assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, logits)
+    for bad in ([], [0, 99], 1.5):
+        with pytest.raises(ConfigError, match="vision_feature_layer"):
+            tiny_eve_config(vision_feature_layer=bad)
+
+
 def test_parameter_names_of_base_lm_unchanged_except_evf():
     model = tiny_model()
     before = set(model.language_model.state_dict())
