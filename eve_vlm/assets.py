@@ -66,6 +66,7 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
 
     Keys: `llm` (HF causal-LM folder with tokenizer), `vision` (HF Dinov2Model folder), `easy_vqa_images`
     (folder), `easy_vqa_captions` (stage-1 LLaVA JSON), `easy_vqa_train` (VQA LLaVA JSON, stages 2/3),
+    `easy_vqa_dialogues` (the same questions as multi-turn conversations per image, stages 2/3),
     `easy_vqa_test` (evaluation LLaVA JSON with `answers` and `question_type`), `lang_text` (held-out English
     text), `lang_mc` (MC JSONL: question, choices, label), `manifest`.
     """
@@ -77,6 +78,7 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
         "easy_vqa_images": vqa / "images",
         "easy_vqa_captions": vqa / "captions.json",
         "easy_vqa_train": vqa / "train.json",
+        "easy_vqa_dialogues": vqa / "train_dialogues.json",
         "easy_vqa_test": vqa / "test.json",
         "lang_text": root / LANG_TEXT,
         "lang_mc": root / LANG_MC,
@@ -273,10 +275,11 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "easy_vqa",
-        "easy-VQA: images, stage-1 captions, train/test VQA as LLaVA JSON",
+        "easy-VQA: images, stage-1 captions, train/test VQA and train dialogues as LLaVA JSON",
         (EASY_VQA_DIR,),
         ("easy-vqa",),
         _build_easy_vqa,
+        version=2,  # 2: train_dialogues.json (yes/no balanced)
     ),
     Step("lang_text", "held-out English text from fortunes", (LANG_TEXT,), ("fortunes",), _build_lang_text),
     Step(
@@ -289,6 +292,7 @@ ASSET_STEPS = {  # asset_paths key -> the step that builds it
     "easy_vqa_images": "easy_vqa",
     "easy_vqa_captions": "easy_vqa",
     "easy_vqa_train": "easy_vqa",
+    "easy_vqa_dialogues": "easy_vqa",
     "easy_vqa_test": "easy_vqa",
     "lang_text": "lang_text",
     "lang_mc": "lang_mc",

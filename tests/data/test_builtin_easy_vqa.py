@@ -2,18 +2,22 @@
 
 import importlib.util
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from eve_vlm.data.builtin.easy_vqa import (
+    DIALOGUE_TURNS,
+    balanced_yes_no,
     build_easy_vqa,
     caption_for,
     image_facts,
     question_facts,
     question_type,
     vqa_row,
+    yes_no_form,
 )
 from eve_vlm.data.llava import DataSource, load_rows
 
@@ -92,6 +96,7 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
         "train_images": 2,
         "train_questions": 3,
         "captions": 1,  # image 1 only rules out a circle: nothing to say
+        "dialogues": 1,  # the two "no" answers have no "yes" of their form to balance them: dropped
         "test_images": 1,
         "test_questions": 1,
         "test_shape": 0,
@@ -101,7 +106,12 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
     captions = json.loads((out / "captions.json").read_text())
     assert captions[0]["image"] == "images/train/0.png"
     assert captions[0]["conversations"][1]["value"] == "A red circle."
-    for name in ("captions", "train", "test"):
+    dialogues = json.loads((out / "train_dialogues.json").read_text())
+    assert dialogues[0]["conversations"] == [
+        {"from": "human", "value": "<image>\nWhat is the red shape? Answer with one word."},
+        {"from": "gpt", "value": "circle"},
+    ]
+    for name in ("captions", "train", "train_dialogues", "test"):
         rows = load_rows([DataSource(str(out / f"{name}.json"))]).rows
         assert all(r.image and r.image.endswith(".png") for r in rows)
     first = (out / "train.json").read_bytes()
@@ -114,10 +124,20 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
     reason="easy-vqa is not installed (pip install easy-vqa==1.0)",
 )
 def test_real_easy_vqa_counts(tmp_path):
+    import easy_vqa
+
     counts = build_easy_vqa(tmp_path)
     assert (counts["train_images"], counts["train_questions"]) == (4000, 38575)
     assert (counts["test_images"], counts["test_questions"]) == (1000, 9673)
     assert counts["captions"] == 3971
+    dialogues = json.loads((tmp_path / "train_dialogues.json").read_text())
+    assert len(dialogues) == counts["dialogues"]
+    questions, answers, _ = easy_vqa.get_train_questions()
+    kept = balanced_yes_no(questions, answers)
+    assert sum(len(d["conversations"]) for d in dialogues) == 2 * len(kept)  # each kept question once
+    assert max(len(d["conversations"]) for d in dialogues) == 2 * DIALOGUE_TURNS
+    replies = Counter(t["value"] for d in dialogues for t in d["conversations"][1::2])
+    assert replies["yes"] == replies["no"] and replies["circle"] > 1000
     assert counts["test_shape"] + counts["test_color"] + counts["test_yes-no"] == 9673
     assert len(list((tmp_path / "images" / "train").iterdir())) == 4000
     test = json.loads((tmp_path / "test.json").read_text())
@@ -125,3 +145,15 @@ def test_real_easy_vqa_counts(tmp_path):
     assert all(r["answers"] == [r["conversations"][1]["value"]] for r in test)
     train_images = {r["image"] for r in json.loads((tmp_path / "train.json").read_text())}
     assert not train_images & {r["image"] for r in test}  # eval images are never trained on
+
+
+def test_yes_no_balance_per_form():
+    questions = ["is there a red shape?"] * 5 + ["is there not a red shape?"] * 3 + ["what color is it?"]
+    answers = ["no", "no", "yes", "no", "no", "yes", "yes", "no", "red"]
+    assert yes_no_form("is no circle present?") == (True, "shape")
+    assert yes_no_form("is there a red shape?") == (False, "color")
+    kept = balanced_yes_no(questions, answers, seed=1)
+    assert 2 in kept and 7 in kept and 8 in kept  # minority answers and non-yes/no questions all stay
+    assert len(kept) == 5 and kept == sorted(kept)
+    assert sum(answers[k] == "yes" for k in kept) == sum(answers[k] == "no" for k in kept) == 2
+    assert balanced_yes_no(questions, answers, seed=1) == kept

@@ -19,6 +19,14 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
   words." and the caption as the gpt turn (the `plain` template uses image + caption only);
 - `train.json`: stages 2/3, one row per train question: "<image>\\n<Question>? Answer with one word." and the
   one-word answer; the instruction makes the expected reply format explicit to a chat LM;
+- `train_dialogues.json`: the questions in LLaVA-665k's layout, an image's questions as the turns of
+  conversations of up to `DIALOGUE_TURNS` turns (in a shuffled order fixed by the image id; `<image>` in the
+  first turn only), so a training step supervises several answers per image instead of one. The yes/no
+  questions are balanced: easy-VQA asks "is there a red shape?" of random colours, so "no" is the answer to
+  88% of such questions (and "yes" to 88% of "is there not a red shape?"); answering by the question's form
+  alone scores 82% on the yes/no test questions without looking at the image, and a model trained on the raw
+  mix learns exactly that. Here, for each form (plain or negated, colour or shape), the majority answer's
+  questions are subsampled (seeded) to the minority answer's count;
 - `test.json`: evaluation only (never trained on), the same rows for the test split;
 - `images/{train,test}/<id>.png`: copies of the package's images.
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections import defaultdict
@@ -40,6 +49,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 CAPTION_PROMPT = "Describe the image in a few words."
 VQA_INSTRUCTION = "Answer with one word."
+DIALOGUE_TURNS = 4
 SPLITS = ("train", "test")
 
 
@@ -126,6 +136,57 @@ def vqa_row(row_id: str, image: str, question: str, answer: str, *, with_answers
     return row
 
 
+def yes_no_form(question: str) -> tuple[bool, str]:
+    """`(negated, "color" or "shape")` of a yes/no question."""
+    words = re.findall(r"[a-z]+", question.lower())
+    return "not" in words or "no" in words, "color" if any(w in COLORS for w in words) else "shape"
+
+
+def balanced_yes_no(questions, answers, seed: int = 0) -> list[int]:
+    """Indices of the questions to keep so that each yes/no form has as many "yes" as "no" answers (the
+    majority answer's questions subsampled with `seed`); every other question is kept."""
+    by_form = defaultdict(lambda: {"yes": [], "no": []})
+    keep = []
+    for k, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        if answer in ("yes", "no"):
+            by_form[yes_no_form(question)][answer].append(k)
+        else:
+            keep.append(k)
+    rng = random.Random(seed)
+    for form in sorted(by_form):
+        yes, no = by_form[form]["yes"], by_form[form]["no"]
+        count = min(len(yes), len(no))
+        keep += rng.sample(yes, count) + rng.sample(no, count)
+    return sorted(keep)
+
+
+def dialogue_rows(questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS) -> list[dict]:
+    """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (yes/no balanced per form),
+    shuffled with a seed of the image id, cut into conversations of at most `turns` question/answer turns;
+    in image id order."""
+    pairs = defaultdict(list)
+    for k in balanced_yes_no(questions, answers):
+        pairs[image_ids[k]].append((questions[k], answers[k]))
+    rows = []
+    for image_id in sorted(pairs):
+        qa = list(pairs[image_id])
+        random.Random(image_id).shuffle(qa)
+        for part, start in enumerate(range(0, len(qa), turns)):
+            conversation = []
+            for k, (question, answer) in enumerate(qa[start : start + turns]):
+                text = f"{question[:1].upper()}{question[1:]} {VQA_INSTRUCTION}"
+                conversation.append({"from": "human", "value": f"<image>\n{text}" if k == 0 else text})
+                conversation.append({"from": "gpt", "value": answer})
+            rows.append(
+                {
+                    "id": f"easy-vqa-dialogue-{image_id}-{part}",
+                    "image": image_path(image_id),
+                    "conversations": conversation,
+                }
+            )
+    return rows
+
+
 def caption_rows(questions, answers, image_ids, image_path) -> list[dict]:
     """Stage-1 rows, one per image whose questions reveal its shape or colour, in image id order."""
     pairs = defaultdict(list)
@@ -156,7 +217,7 @@ def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
-    """Writes captions.json, train.json, test.json and the images into `out_dir`.
+    """Writes captions.json, train.json, train_dialogues.json, test.json and the images into `out_dir`.
 
     Args:
         out_dir: Destination folder (created if missing).
@@ -190,6 +251,9 @@ def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
             captions = caption_rows(questions, answers, image_ids, image_path)
             write_json_rows(out / "captions.json", captions)
             counts["captions"] = len(captions)
+            dialogues = dialogue_rows(questions, answers, image_ids, image_path)
+            write_json_rows(out / "train_dialogues.json", dialogues)
+            counts["dialogues"] = len(dialogues)
         else:
             for qtype in ("shape", "color", "yes-no"):
                 counts[f"test_{qtype}"] = sum(r["question_type"] == qtype for r in rows)
