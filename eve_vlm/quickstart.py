@@ -8,18 +8,27 @@
 3. With `--with-baseline`: a LLaVA-style stage 2 that trains the full LLM (no LoRA) from the same stage 1,
    evaluated the same way, so the report shows the language delta the Eve recipe avoids.
 4. `runs/quickstart/report.md` (+ `metrics.json`, PNG plots): one row per model, and the wall time per step.
+
+A stage whose model and evaluation a previous run left in the output folder, made from the same recipe and
+evaluation settings, is reused rather than redone (and so is everything before it), so an interrupted run
+continues where it stopped and `eve quickstart --with-baseline` after `eve quickstart` only adds the baseline.
+Delete the output folder to start over.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from eve_vlm.assets import prepare
 from eve_vlm.errors import ConfigError
 
 STAGES = (1, 2, 3)
+RECORD = "quickstart_record.json"
+DEPENDS_ON = {"stage1": None, "stage2": "stage1", "stage3": "stage2", "baseline": "stage1"}
 
 
 def recipes_dir() -> Path:
@@ -99,6 +108,28 @@ class Evaluator:
         return metrics, plots
 
 
+def load_record(model_dir: Path, key: dict) -> dict | None:
+    """The record of a finished stage in `model_dir` when it was made with the same `key` (recipe and
+    evaluation settings), else None."""
+    from eve_vlm.train.stages import DONE_MARKER
+
+    path = model_dir / RECORD
+    if not (path.is_file() and (model_dir / DONE_MARKER).is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == key else None
+
+
+def save_record(model_dir: Path, record: dict) -> None:
+    """Writes a stage's record atomically, after its model and evaluation are complete."""
+    tmp = model_dir / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, model_dir / RECORD)
+
+
 def run_quickstart(
     out: str = "runs/quickstart",
     *,
@@ -129,27 +160,42 @@ def run_quickstart(
     runs = [(f"stage{s}", s, stage_overrides(s, out_dir, smoke)) for s in STAGES]
     if with_baseline:
         runs.append(("baseline", 2, baseline_overrides(out_dir, smoke)))
+    settings = {"vqa": vqa_limit, "mc": mc_limit, "text_chars": text_chars, "routing": routing_limit}
+    redone: set[str] = set()
+    reused: list[str] = []
     for name, stage, overrides in runs:
+        recipe = load_recipe(recipes_dir() / f"stage{stage}.yaml", overrides)
+        key = json.loads(json.dumps({"recipe": asdict(recipe), "eval": settings}))
+        record = None if DEPENDS_ON[name] in redone else load_record(out_dir / name, key)
+        if record is not None:
+            log(f"== {name}: reusing the model and evaluation of an earlier run in {out_dir / name} ==")
+            metrics[name], plots[name] = record["metrics"], record["plots"]
+            timings.update(record["timings"])
+            reused.append(name)
+            continue
+        redone.add(name)
         t0 = time.time()
         log(f"== {name}: training ==")
-        run_stage(load_recipe(recipes_dir() / f"stage{stage}.yaml", overrides), log=log)
-        timings[f"{name} train"] = time.time() - t0
+        run_stage(recipe, log=log)
+        stage_timings = {f"{name} train": time.time() - t0}
         t0 = time.time()
         log(f"== {name}: evaluating ==")
         metrics[name], plots[name] = evaluate(out_dir / name, out_dir, routing=(stage == 3))
-        timings[f"{name} eval"] = time.time() - t0
-    timings["total"] = time.time() - start
+        stage_timings[f"{name} eval"] = time.time() - t0
+        timings.update(stage_timings)
+        record = {"key": key, "metrics": metrics[name], "plots": plots[name], "timings": stage_timings}
+        save_record(out_dir / name, record)
+    timings["total"] = sum(timings.values())
     report = write_report(metrics, out_dir, plots)
     with open(report, "a", encoding="utf-8") as f:
-        f.write(timing_section(timings, smoke))
+        f.write(timing_section(timings, smoke, reused))
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     log(f"report: {report}")
     return Path(report)
 
 
-def timing_section(timings: dict[str, float], smoke: bool) -> str:
-    """The wall-time table appended to the report."""
-    import os
+def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | None = None) -> str:
+    """The wall-time table appended to the report (`total` is the sum of the steps)."""
     import platform
 
     lines = [
@@ -159,6 +205,13 @@ def timing_section(timings: dict[str, float], smoke: bool) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads as set by the environment"
         + (" (smoke run: a few steps per stage)." if smoke else "."),
         "",
+    ]
+    if reused:
+        lines += [
+            f"Reused from an earlier run in this folder, with the times measured then: {', '.join(reused)}.",
+            "",
+        ]
+    lines += [
         "| step | seconds | minutes |",
         "|---|---:|---:|",
     ]

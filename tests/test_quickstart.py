@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 from eve_vlm.assets import require_assets
 from eve_vlm.errors import AssetError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
-from eve_vlm.quickstart import run_quickstart
+from eve_vlm.quickstart import RECORD, load_record, run_quickstart, save_record
 from eve_vlm.serve.chat import answer, build_prompt, load_image
+from eve_vlm.train.stages import DONE_MARKER
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,14 @@ def assets():
 
 
 def test_quickstart_smoke(assets, tmp_path):
-    report = run_quickstart(str(tmp_path / "qs"), smoke=True, with_baseline=True)
+    run_quickstart(str(tmp_path / "qs"), smoke=True)
+    said = []  # a second run with the baseline reuses stages 1-3 and only adds the baseline
+    report = run_quickstart(str(tmp_path / "qs"), smoke=True, with_baseline=True, log=said.append)
+    for name in ("stage1", "stage2", "stage3"):
+        assert any(line.startswith(f"== {name}: reusing") for line in said), name
+    assert "== baseline: training ==" in said and "== stage1: training ==" not in said
     text = report.read_text()
+    assert "Reused from an earlier run in this folder" in text
     for name in ("stage1", "stage2", "stage3", "baseline"):
         assert f"`{name}`" in text
     metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())["models"]
@@ -51,3 +58,15 @@ def test_quickstart_smoke(assets, tmp_path):
     assert said == processor.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
     image = load_image(str(next((assets["easy_vqa_test"].parent / "images" / "test").glob("*.png"))))
     assert isinstance(answer(model, processor, "What color is the shape?", image, max_new_tokens=3), str)
+
+
+def test_a_stage_record_is_reused_only_for_the_same_recipe_and_a_finished_model(tmp_path):
+    key = {"recipe": {"stage": 2, "training": {"max_steps": 5}}, "eval": {"vqa": 16}}
+    save_record(tmp_path, {"key": key, "metrics": {"vqa": {"accuracy": 1.0}}, "plots": [], "timings": {}})
+    assert load_record(tmp_path, key) is None  # no finished model beside it
+    (tmp_path / DONE_MARKER).write_text("{}")
+    assert load_record(tmp_path, key)["metrics"] == {"vqa": {"accuracy": 1.0}}
+    other = {**key, "eval": {"vqa": 500}}
+    assert load_record(tmp_path, other) is None
+    (tmp_path / RECORD).write_text("{not json")
+    assert load_record(tmp_path, key) is None
