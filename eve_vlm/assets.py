@@ -279,7 +279,7 @@ STEPS: tuple[Step, ...] = (
         (EASY_VQA_DIR,),
         ("easy-vqa",),
         _build_easy_vqa,
-        version=2,  # 2: train_dialogues.json (yes/no balanced)
+        version=2,  # 2: train_dialogues.json and train_dialogues_balanced.json
     ),
     Step("lang_text", "held-out English text from fortunes", (LANG_TEXT,), ("fortunes",), _build_lang_text),
     Step(

@@ -96,7 +96,8 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
         "train_images": 2,
         "train_questions": 3,
         "captions": 1,  # image 1 only rules out a circle: nothing to say
-        "dialogues": 1,  # the two "no" answers have no "yes" of their form to balance them: dropped
+        "dialogues": 2,  # one conversation per train image (fewer than DIALOGUE_TURNS questions each)
+        "dialogues_balanced": 1,  # the two "no" answers have no "yes" of their form to balance them: dropped
         "test_images": 1,
         "test_questions": 1,
         "test_shape": 0,
@@ -107,11 +108,16 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
     assert captions[0]["image"] == "images/train/0.png"
     assert captions[0]["conversations"][1]["value"] == "A red circle."
     dialogues = json.loads((out / "train_dialogues.json").read_text())
+    assert [len(d["conversations"]) for d in dialogues] == [4, 2]  # image 0: two turns; image 1: one
+    assert dialogues[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert "<image>" not in dialogues[0]["conversations"][2]["value"]
+    assert {t["value"] for t in dialogues[0]["conversations"][1::2]} == {"circle", "no"}
+    dialogues = json.loads((out / "train_dialogues_balanced.json").read_text())
     assert dialogues[0]["conversations"] == [
         {"from": "human", "value": "<image>\nWhat is the red shape? Answer with one word."},
         {"from": "gpt", "value": "circle"},
     ]
-    for name in ("captions", "train", "train_dialogues", "test"):
+    for name in ("captions", "train", "train_dialogues", "train_dialogues_balanced", "test"):
         rows = load_rows([DataSource(str(out / f"{name}.json"))]).rows
         assert all(r.image and r.image.endswith(".png") for r in rows)
     first = (out / "train.json").read_bytes()
@@ -131,7 +137,9 @@ def test_real_easy_vqa_counts(tmp_path):
     assert (counts["test_images"], counts["test_questions"]) == (1000, 9673)
     assert counts["captions"] == 3971
     dialogues = json.loads((tmp_path / "train_dialogues.json").read_text())
-    assert len(dialogues) == counts["dialogues"]
+    assert sum(len(d["conversations"]) for d in dialogues) == 2 * 38575  # every question once
+    dialogues = json.loads((tmp_path / "train_dialogues_balanced.json").read_text())
+    assert len(dialogues) == counts["dialogues_balanced"]
     questions, answers, _ = easy_vqa.get_train_questions()
     kept = balanced_yes_no(questions, answers)
     assert sum(len(d["conversations"]) for d in dialogues) == 2 * len(kept)  # each kept question once

@@ -21,12 +21,14 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
   one-word answer; the instruction makes the expected reply format explicit to a chat LM;
 - `train_dialogues.json`: the questions in LLaVA-665k's layout, an image's questions as the turns of
   conversations of up to `DIALOGUE_TURNS` turns (in a shuffled order fixed by the image id; `<image>` in the
-  first turn only), so a training step supervises several answers per image instead of one. The yes/no
-  questions are balanced: easy-VQA asks "is there a red shape?" of random colours, so "no" is the answer to
-  88% of such questions (and "yes" to 88% of "is there not a red shape?"); answering by the question's form
-  alone scores 82% on the yes/no test questions without looking at the image, and a model trained on the raw
-  mix learns exactly that. Here, for each form (plain or negated, colour or shape), the majority answer's
-  questions are subsampled (seeded) to the minority answer's count;
+  first turn only), so a training step supervises several answers per image instead of one;
+- `train_dialogues_balanced.json`: the same with the yes/no questions balanced. easy-VQA asks "is there a red
+  shape?" of random colours, so "no" answers 88% of such questions (and "yes" 88% of "is there not a red
+  shape?"); answering by the question's form alone scores about 82% on the yes/no test questions without
+  looking at the image, and a small model trained on the raw mix learns exactly that. Here, for each form
+  (plain or negated, colour or shape), the majority answer's questions are subsampled (seeded) to the
+  minority answer's count, which takes that shortcut away (at the quickstart's budget the model then answers
+  yes/no questions at chance, so the quickstart trains on the raw mix);
 - `test.json`: evaluation only (never trained on), the same rows for the test split;
 - `images/{train,test}/<id>.png`: copies of the package's images.
 
@@ -160,12 +162,14 @@ def balanced_yes_no(questions, answers, seed: int = 0) -> list[int]:
     return sorted(keep)
 
 
-def dialogue_rows(questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS) -> list[dict]:
-    """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (yes/no balanced per form),
-    shuffled with a seed of the image id, cut into conversations of at most `turns` question/answer turns;
-    in image id order."""
+def dialogue_rows(
+    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, balanced: bool = False
+) -> list[dict]:
+    """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (with `balanced`, yes/no
+    balanced per form), shuffled with a seed of the image id, cut into conversations of at most `turns`
+    question/answer turns; in image id order."""
     pairs = defaultdict(list)
-    for k in balanced_yes_no(questions, answers):
+    for k in balanced_yes_no(questions, answers) if balanced else range(len(questions)):
         pairs[image_ids[k]].append((questions[k], answers[k]))
     rows = []
     for image_id in sorted(pairs):
@@ -217,7 +221,7 @@ def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
-    """Writes captions.json, train.json, train_dialogues.json, test.json and the images into `out_dir`.
+    """Writes captions.json, train.json, train_dialogues(_balanced).json, test.json and the images into `out_dir`.
 
     Args:
         out_dir: Destination folder (created if missing).
@@ -251,9 +255,10 @@ def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
             captions = caption_rows(questions, answers, image_ids, image_path)
             write_json_rows(out / "captions.json", captions)
             counts["captions"] = len(captions)
-            dialogues = dialogue_rows(questions, answers, image_ids, image_path)
-            write_json_rows(out / "train_dialogues.json", dialogues)
-            counts["dialogues"] = len(dialogues)
+            for suffix, balanced in (("", False), ("_balanced", True)):
+                dialogues = dialogue_rows(questions, answers, image_ids, image_path, balanced=balanced)
+                write_json_rows(out / f"train_dialogues{suffix}.json", dialogues)
+                counts[f"dialogues{suffix}"] = len(dialogues)
         else:
             for qtype in ("shape", "color", "yes-no"):
                 counts[f"test_{qtype}"] = sum(r["question_type"] == qtype for r in rows)
