@@ -124,9 +124,14 @@ def caption_for(facts: dict[str, str]) -> str | None:
     return f"A {' '.join(words)}."
 
 
+def question_prompt(question: str) -> str:
+    """The human turn's text for a question: capitalised, with the one-word instruction."""
+    return f"{question[:1].upper()}{question[1:]} {VQA_INSTRUCTION}"
+
+
 def vqa_row(row_id: str, image: str, question: str, answer: str, *, with_answers: bool) -> dict:
     """One LLaVA row for a question about `image` (a path relative to the JSON file)."""
-    prompt = f"<image>\n{question[:1].upper()}{question[1:]} {VQA_INSTRUCTION}"
+    prompt = f"<image>\n{question_prompt(question)}"
     row = {
         "id": row_id,
         "image": image,
@@ -178,7 +183,7 @@ def dialogue_rows(
         for part, start in enumerate(range(0, len(qa), turns)):
             conversation = []
             for k, (question, answer) in enumerate(qa[start : start + turns]):
-                text = f"{question[:1].upper()}{question[1:]} {VQA_INSTRUCTION}"
+                text = question_prompt(question)
                 conversation.append({"from": "human", "value": f"<image>\n{text}" if k == 0 else text})
                 conversation.append({"from": "gpt", "value": answer})
             rows.append(
