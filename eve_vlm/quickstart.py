@@ -29,6 +29,7 @@ from eve_vlm.errors import ConfigError
 STAGES = (1, 2, 3)
 RECORD = "quickstart_record.json"
 DEPENDS_ON = {"stage1": None, "stage2": "stage1", "stage3": "stage2", "baseline": "stage1"}
+LANGUAGE_BATCH = 8  # sequences per forward when scoring perplexity and multiple choice
 
 
 def recipes_dir() -> Path:
@@ -75,11 +76,20 @@ class Evaluator:
         self.mc = load_mc_items(str(paths["lang_mc"]))[:mc_limit]
         self.routing_limit = routing_limit
         self.base_dir = str(paths["llm"])
+        self.base_scores: dict | None = None
 
-    def base_lm(self):
+    def base_language_scores(self, tokenizer) -> dict:
+        """The base LLM's text and MC scores, computed on first use (every model shares the tokenizer)."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.base_dir).eval()
+        from eve_vlm.eval.language import score_language
+
+        if self.base_scores is None:
+            base = AutoModelForCausalLM.from_pretrained(self.base_dir).eval()
+            self.base_scores = score_language(
+                base, tokenizer, self.texts, {"wordnet_mc": self.mc}, batch_size=LANGUAGE_BATCH
+            )
+        return self.base_scores
 
     def __call__(self, model_dir: Path, out: Path, routing: bool = False) -> tuple[dict, list[str]]:
         from eve_vlm.eval.cli import load_model_and_processor
@@ -95,9 +105,9 @@ class Evaluator:
             processor.tokenizer,
             self.texts,
             {"wordnet_mc": self.mc},
-            base=self.base_lm(),
+            base_scores=self.base_language_scores(processor.tokenizer),
             base_name="SmolLM2-135M-Instruct",
-            batch_size=8,
+            batch_size=LANGUAGE_BATCH,
         )
         metrics, plots = {"vqa": vqa, "language": language}, []
         if routing and model.evf_layers:

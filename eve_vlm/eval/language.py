@@ -45,6 +45,7 @@ __all__ = [
     "mc_accuracy",
     "mc_loglikelihoods",
     "perplexity",
+    "score_language",
 ]
 
 MC_PROMPT = "Question: {question}\nAnswer:"
@@ -242,6 +243,54 @@ def _with_deltas(ours: dict, base: dict, keys: tuple[str, ...]) -> dict:
     return out
 
 
+def score_language(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str] | None,
+    mc_items: list[dict] | dict[str, list[dict]] | None,
+    *,
+    chunk_len: int = 512,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Scores one causal LM on the texts and multiple-choice sets.
+
+    Returns:
+        `{"text": perplexity(...) or None, "mc": {set name: mc_accuracy(...)}}`; a list of items is the set
+        "mc". Pass it as `base_scores` to `evaluate_language` to compare several models with one base run.
+    """
+    model.eval()
+    out: dict = {"text": None, "mc": {}}
+    if texts:
+        out["text"] = perplexity(
+            model, tokenizer, texts, chunk_len=chunk_len, batch_size=batch_size, progress=progress
+        )
+    if isinstance(mc_items, list):
+        mc_items = {"mc": mc_items}
+    for name, items in (mc_items or {}).items():
+        lls = mc_loglikelihoods(model, tokenizer, items, batch_size=batch_size, progress=progress)
+        out["mc"][name] = mc_accuracy(items, lls)
+    return out
+
+
+def _check_same_sets(ours: dict, base_scores: dict) -> None:
+    """`base_scores` must come from the same texts and items as `ours` (token and item counts agree)."""
+    ours_text, base_text = ours["text"], base_scores.get("text")
+    mismatch = (ours_text is None) != (base_text is None) or (
+        ours_text is not None and ours_text["tokens"] != base_text["tokens"]
+    )
+    base_mc = base_scores.get("mc", {})
+    for name, acc in ours["mc"].items():
+        mismatch = mismatch or name not in base_mc or base_mc[name]["items"] != acc["items"]
+    if mismatch:
+        raise ConfigError(
+            "base_scores were not computed on the same texts and multiple-choice sets "
+            f"(text tokens {ours_text and ours_text['tokens']} vs {base_text and base_text['tokens']}; "
+            f"sets {sorted(ours['mc'])} vs {sorted(base_mc)}); score the base with score_language on the "
+            "same inputs and chunk length."
+        )
+
+
 def evaluate_language(
     model: nn.Module,
     tokenizer,
@@ -252,6 +301,7 @@ def evaluate_language(
     chunk_len: int = 512,
     batch_size: int = 8,
     base_name: str | None = None,
+    base_scores: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """Scores the model and its base LLM on the same texts and items; reports each delta (model - base).
@@ -261,10 +311,12 @@ def evaluate_language(
         tokenizer: The tokenizer for both.
         texts: Texts for perplexity, or None.
         mc_items: Multiple-choice items, or several named sets (`{"piqa": [...], ...}`), or None.
-        base: The base causal LM; None = `EmbeddedBaseLM(model)`.
+        base: The base causal LM; None = `EmbeddedBaseLM(model)`. Not used when `base_scores` is given.
         chunk_len: Tokens per perplexity chunk.
         batch_size: Sequences per forward.
         base_name: How the base is described in the report (default: what it is).
+        base_scores: The base's `score_language` result on the same texts, items and chunk length, to
+            compare several models with one scoring of the base.
         progress: Show progress bars.
 
     Returns:
@@ -273,27 +325,25 @@ def evaluate_language(
         "model_acc_norm", ...}}}`.
 
     Raises:
-        ConfigError: `base` is None and `model` is not an Eve model (no embedded language model).
+        ConfigError: `base` and `base_scores` are None and `model` is not an Eve model (no embedded language
+            model); `base_scores` come from other texts or sets.
     """
-    if base is None:
+    if base_scores is None and base is None:
         if not hasattr(model, "language_model"):
             raise ConfigError(
                 f"{type(model).__name__} has no embedded language model to compare with; pass `base`."
             )
         base = EmbeddedBaseLM(model)
         base_name = base_name or EMBEDDED_BASE
-    model.eval()
-    base.eval()
-    out: dict = {"base": base_name or type(base).__name__, "text": None, "mc": {}}
-    if texts:
-        kw = dict(chunk_len=chunk_len, batch_size=batch_size, progress=progress)
-        ours, theirs = perplexity(model, tokenizer, texts, **kw), perplexity(base, tokenizer, texts, **kw)
-        out["text"] = _with_deltas(ours, theirs, ("perplexity", "nll"))
-    if isinstance(mc_items, list):
-        mc_items = {"mc": mc_items}
-    for name, items in (mc_items or {}).items():
-        kw = dict(batch_size=batch_size, progress=progress)
-        ours = mc_accuracy(items, mc_loglikelihoods(model, tokenizer, items, **kw))
-        theirs = mc_accuracy(items, mc_loglikelihoods(base, tokenizer, items, **kw))
-        out["mc"][name] = _with_deltas(ours, theirs, ("acc", "acc_norm"))
+    kw = dict(chunk_len=chunk_len, batch_size=batch_size, progress=progress)
+    ours = score_language(model, tokenizer, texts, mc_items, **kw)
+    if base_scores is None:
+        base_scores = score_language(base, tokenizer, texts, mc_items, **kw)
+        base_name = base_name or type(base).__name__
+    _check_same_sets(ours, base_scores)
+    out: dict = {"base": base_name or "precomputed base scores", "text": None, "mc": {}}
+    if ours["text"] is not None:
+        out["text"] = _with_deltas(ours["text"], base_scores["text"], ("perplexity", "nll"))
+    for name, acc in ours["mc"].items():
+        out["mc"][name] = _with_deltas(acc, base_scores["mc"][name], ("acc", "acc_norm"))
     return out

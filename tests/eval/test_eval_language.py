@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_eval_vqa import model_and_processor, run_cli
 from transformers import AutoModelForCausalLM
 
-from eve_vlm.errors import DataError
+from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.eval.language import (
     MC_PROMPT,
     encode_choice,
@@ -18,6 +18,7 @@ from eve_vlm.eval.language import (
     mc_accuracy,
     mc_loglikelihoods,
     perplexity,
+    score_language,
 )
 
 TEXTS = [
@@ -106,6 +107,30 @@ def test_eve_model_delta_is_exactly_zero_against_its_reloaded_base(tmp_path):
         assert mc["delta_acc"] == 0.0 and mc["delta_acc_norm"] == 0.0
         assert text["model_perplexity"] > 1 and mc["items"] == len(MC_ITEMS)
     assert "LoRA adapters off" in result["base"]
+
+
+def test_precomputed_base_scores_give_the_same_deltas_and_must_match_the_sets(tmp_path):
+    model, processor = model_and_processor(evf=True, lora=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # LoRA on: the Eve model's image path differs, its text path must not
+            torch.nn.init.normal_(p, std=0.5)
+    model.language_model.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(1.5)  # a different LM: non-zero deltas to compare
+    tok, sets = processor.tokenizer, {"tiny": MC_ITEMS}
+    scores = score_language(base, tok, TEXTS, sets, chunk_len=9)
+    assert scores["text"]["tokens"] > 0 and scores["mc"]["tiny"]["items"] == len(MC_ITEMS)
+    for m in (model, other):
+        direct = evaluate_language(m, tok, TEXTS, sets, base, chunk_len=9, base_name="b")
+        shared = evaluate_language(m, tok, TEXTS, sets, chunk_len=9, base_name="b", base_scores=scores)
+        assert shared == direct
+    assert shared["text"]["delta_perplexity"] != 0.0  # `other` really differs, so the check above can fail
+    with pytest.raises(ConfigError, match="same texts"):
+        evaluate_language(other, tok, TEXTS[:1], sets, chunk_len=9, base_scores=scores)
+    with pytest.raises(ConfigError, match="same texts"):
+        evaluate_language(other, tok, TEXTS, {"tiny": MC_ITEMS[:2]}, chunk_len=9, base_scores=scores)
 
 
 def test_lm_eval_multiple_choice_matches_our_scorer(tmp_path):
