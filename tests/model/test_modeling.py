@@ -160,6 +160,22 @@ def test_kv_cache_generation_equals_no_cache(family):
     assert torch.equal(with_cache, without)
 
 
+def test_output_carries_the_language_models_kv_cache(family):
+    from transformers.cache_utils import Cache
+
+    model = tiny_model(family)
+    model.add_elastic_vision_ffns("alternate")
+    ids, pixels = image_batch(model.config)
+    out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+    caches = [value for value in out.values() if isinstance(value, Cache)]  # named by the installed version
+    assert len(caches) == 1 and caches[0].get_seq_length() == ids.shape[1]
+    assert out.logits.shape[:2] == ids.shape and out.routing
+    assert out.to_tuple()[:3] == (out.logits, caches[0], out.aux_loss)  # no loss: cache follows logits
+    assert not any(
+        isinstance(v, Cache) for v in model(input_ids=ids, pixel_values=pixels, use_cache=False).values()
+    )
+
+
 def test_generate_text_only_equals_base_lm():
     model = tiny_model()
     base = copy.deepcopy(model.language_model)
