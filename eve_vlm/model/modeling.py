@@ -18,7 +18,7 @@ Shapes: B batch, T tokens, N images, Ni tokens per image, D LM hidden size.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ class EveCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
     routing: dict[int, RoutingStats] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+LM_OUTPUT_FIELDS = frozenset(f.name for f in fields(CausalLMOutputWithPast)) - {"loss"}
 
 
 def merge_image_features(
@@ -256,8 +259,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             )
             if self.config.evf is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
-        # The language model's fields (logits, cache, hidden states, attentions) under its own names.
-        lm_fields = {key: value for key, value in out.items() if key != "loss"}
+        # The language model's logits, cache, hidden states and attentions, under the installed version's names
+        # (an LM's extra outputs, such as a MoE LM's router logits, are not carried).
+        lm_fields = {key: value for key, value in out.items() if key in LM_OUTPUT_FIELDS}
         return EveCausalLMOutput(
             **lm_fields, loss=loss, aux_loss=aux_loss, routing=routing, image_hidden_states=image_features
         )
