@@ -208,11 +208,15 @@ def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | N
     """The wall-time table appended to the report (`total` is the sum of the steps)."""
     import platform
 
+    import torch
+    import transformers
+
     lines = [
         "",
         "## Wall time",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads as set by the environment"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
         + (" (smoke run: a few steps per stage)." if smoke else "."),
         "",
     ]

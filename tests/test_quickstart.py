@@ -70,3 +70,15 @@ def test_a_stage_record_is_reused_only_for_the_same_recipe_and_a_finished_model(
     assert load_record(tmp_path, other) is None
     (tmp_path / RECORD).write_text("{not json")
     assert load_record(tmp_path, key) is None
+
+
+def test_wall_time_section_names_the_machine_versions_and_every_step():
+    import transformers
+
+    from eve_vlm.quickstart import timing_section
+
+    text = timing_section({"stage1 train": 90.0, "total": 150.0}, smoke=True, reused=["stage1"])
+    assert f"torch {torch.__version__} ({torch.get_num_threads()} threads)" in text
+    assert f"transformers {transformers.__version__}" in text and "smoke run" in text
+    assert "| stage1 train | 90 | 1.5 |" in text and "| total | 150 | 2.5 |" in text
+    assert "with the times measured then: stage1." in text
