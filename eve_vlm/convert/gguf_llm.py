@@ -40,9 +40,11 @@ def convert_gguf_llm(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError as err:
+        from eve_vlm.assets import SOURCES
+
         raise AssetError(
             "Reading GGUF files needs the Python package gguf, which is not installed; "
-            "install it with: pip install 'gguf>=0.19'"
+            f"install it with: {SOURCES['gguf'].install}"
         ) from err
     folder, name = str(gguf_file.parent), gguf_file.name
     model = AutoModelForCausalLM.from_pretrained(

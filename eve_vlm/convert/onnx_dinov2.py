@@ -136,9 +136,11 @@ def convert_onnx_dinov2(
     try:
         import onnx
     except ImportError as err:
+        from eve_vlm.assets import SOURCES
+
         raise AssetError(
             "Reading the ONNX vision tower needs the Python package onnx, which is not installed; "
-            "install it with: pip install 'onnx>=1.16'"
+            f"install it with: {SOURCES['onnx'].install}"
         ) from err
     from transformers import Dinov2Config, Dinov2Model
 

@@ -273,20 +273,18 @@ def score_language(
     return out
 
 
+def _sizes(scores: dict) -> tuple:
+    """What identifies the inputs `score_language` scored: text tokens and items per MC set."""
+    text = scores.get("text")
+    return text and text["tokens"], {name: acc["items"] for name, acc in scores.get("mc", {}).items()}
+
+
 def _check_same_sets(ours: dict, base_scores: dict) -> None:
     """`base_scores` must come from the same texts and items as `ours` (token and item counts agree)."""
-    ours_text, base_text = ours["text"], base_scores.get("text")
-    mismatch = (ours_text is None) != (base_text is None) or (
-        ours_text is not None and ours_text["tokens"] != base_text["tokens"]
-    )
-    base_mc = base_scores.get("mc", {})
-    for name, acc in ours["mc"].items():
-        mismatch = mismatch or name not in base_mc or base_mc[name]["items"] != acc["items"]
-    if mismatch:
+    if _sizes(ours) != _sizes(base_scores):
         raise ConfigError(
-            "base_scores were not computed on the same texts and multiple-choice sets "
-            f"(text tokens {ours_text and ours_text['tokens']} vs {base_text and base_text['tokens']}; "
-            f"sets {sorted(ours['mc'])} vs {sorted(base_mc)}); score the base with score_language on the "
+            "base_scores were not computed on the same texts and multiple-choice sets (text tokens, items "
+            f"per set: {_sizes(ours)} vs {_sizes(base_scores)}); score the base with score_language on the "
             "same inputs and chunk length."
         )
 
