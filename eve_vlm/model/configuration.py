@@ -39,6 +39,8 @@ class EvfConfig:
             `straight_through` (weight 1 in the forward, the soft weight's gradient to the router).
         balance_loss: `switch`, `l1` or `none`.
         use_residual: DeepSpeed residual MoE: mix the MoE output with the dense language FFN.
+        modality_loss_coef: Weight of the auxiliary modality routing loss in training (0 = off, the paper's
+            router); see `ElasticVisionFFN`.
     """
 
     layers: list[int] = field(default_factory=list)
@@ -51,6 +53,7 @@ class EvfConfig:
     combine: str = "soft"
     balance_loss: str = "switch"
     use_residual: bool = False
+    modality_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         validate_options(
@@ -64,6 +67,7 @@ class EvfConfig:
             min_capacity=self.min_capacity,
             combine=self.combine,
             balance_loss=self.balance_loss,
+            modality_loss_coef=self.modality_loss_coef,
         )
         self.layers = sorted({int(i) for i in self.layers})
 

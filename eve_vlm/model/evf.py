@@ -96,11 +96,14 @@ class EVFOutput:
         hidden_states: [B, T, D] FFN output, same dtype as the input.
         aux_loss: 0-dim balance loss (carries gradient to the router; zero when no balance loss applies).
         stats: Routing statistics.
+        router_loss: 0-dim modality routing loss, already weighted by `modality_loss_coef` (None when that
+            coefficient is 0 or the layer is not training).
     """
 
     hidden_states: Tensor
     aux_loss: Tensor
     stats: RoutingStats
+    router_loss: Tensor | None = None
 
 
 class ElasticVisionFFN(nn.Module):
@@ -130,6 +133,9 @@ class ElasticVisionFFN(nn.Module):
             Always 0 with `modality` allocation.
         use_residual: DeepSpeed residual MoE: `c0 * moe(x) + c1 * language_ffn(x)` with
             `c = softmax(coefficient(x))`.
+        modality_loss_coef: Weight of an auxiliary routing loss in training mode [ours, not the paper's]: the
+            mean cross-entropy of the router against the image mask (image tokens -> the vision experts
+            together, text tokens -> the language FFN). 0 (default) = the paper's plain router.
         seed: Seed of a private CPU generator for the `rts` policy; None = torch's global RNG. Under
             activation checkpointing keep None: checkpointing restores the global RNG state for the
             recompute, not a private generator's, so a seeded `rts` would pick other tokens on recompute.
@@ -153,6 +159,7 @@ class ElasticVisionFFN(nn.Module):
         combine: str = "soft",
         balance_loss: str = "switch",
         use_residual: bool = False,
+        modality_loss_coef: float = 0.0,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -167,6 +174,7 @@ class ElasticVisionFFN(nn.Module):
             min_capacity=min_capacity,
             combine=combine,
             balance_loss=balance_loss,
+            modality_loss_coef=modality_loss_coef,
         )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
@@ -178,6 +186,7 @@ class ElasticVisionFFN(nn.Module):
         self.combine = combine
         self.balance_loss = balance_loss
         self.use_residual = use_residual
+        self.modality_loss_coef = modality_loss_coef
         self._policy = get_policy(allocation)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -242,7 +251,8 @@ class ElasticVisionFFN(nn.Module):
         out = torch.empty_like(hidden_states, dtype=routed.hidden_states.dtype)
         out[has_image] = routed.hidden_states
         out[~has_image] = text.hidden_states.to(out.dtype)
-        return EVFOutput(out, routed.aux_loss, routed.stats.plus_language_only(text.stats))
+        stats = routed.stats.plus_language_only(text.stats)
+        return EVFOutput(out, routed.aux_loss, stats, routed.router_loss)
 
     def _routed(self, hidden_states: Tensor, image_mask: Tensor) -> EVFOutput:
         batch, seq_len, dim = hidden_states.shape
@@ -259,7 +269,11 @@ class ElasticVisionFFN(nn.Module):
             dense = self.language_ffn(hidden_states).reshape(batch * seq_len, dim)
             out = out * coef[:, :1] + dense * coef[:, 1:]
         stats = _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs)
-        return EVFOutput(out.view(batch, seq_len, dim), self._balance_loss(probs, expert_idx), stats)
+        router_loss = None
+        if self.modality_loss_coef > 0 and self.training:
+            router_loss = self.modality_loss_coef * modality_routing_loss(logits, mask)
+        aux = self._balance_loss(probs, expert_idx)
+        return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
 
     def _language_only(self, hidden_states: Tensor) -> EVFOutput:
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
@@ -325,8 +339,30 @@ class ElasticVisionFFN(nn.Module):
         return (mean_prob - fraction).abs().sum()
 
 
+def modality_routing_loss(router_logits: Tensor, image_mask: Tensor) -> Tensor:
+    """Mean cross-entropy of the router against the modality of each token [ours]: image tokens should go to
+    the vision experts (1..E-1, their probabilities summed), text tokens to the language FFN (expert 0).
+
+    Args:
+        router_logits: [S, E] fp32.
+        image_mask: [S] bool.
+    """
+    log_probs = router_logits.log_softmax(dim=-1)
+    log_language = log_probs[:, 0]
+    log_vision = log_probs[:, 1:].logsumexp(dim=-1)
+    return -torch.where(image_mask, log_vision, log_language).mean()
+
+
 def validate_options(
-    *, num_experts, top_k, allocation, capacity_factors, min_capacity, combine, balance_loss
+    *,
+    num_experts,
+    top_k,
+    allocation,
+    capacity_factors,
+    min_capacity,
+    combine,
+    balance_loss,
+    modality_loss_coef=0.0,
 ):
     """Raise `ConfigError` naming the first option that is out of range or unknown."""
     if num_experts < 2:
@@ -354,6 +390,8 @@ def validate_options(
         )
     if balance_loss not in BALANCE_LOSSES:
         raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")
+    if not modality_loss_coef >= 0:
+        raise ConfigError(f"modality_loss_coef={modality_loss_coef} must be >= 0.")
 
 
 def _routing_stats(

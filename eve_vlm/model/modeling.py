@@ -39,7 +39,8 @@ class EveCausalLMOutput(CausalLMOutputWithPast):
     """Output of `EveForConditionalGeneration.forward`: transformers' causal-LM output plus Eve's fields.
 
     Attributes:
-        loss: CE + aux_loss_coef * aux_loss when labels are given.
+        loss: CE + aux_loss_coef * aux_loss (+ the weighted modality routing loss of EVF layers that use one)
+            when labels are given.
         logits: (B, T, V) next-token logits.
         past_key_values / cache: The KV cache when `use_cache`, under the name of the installed transformers
             (`cache` from 5.24, which still reads `past_key_values`).
@@ -250,7 +251,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-        aux_loss, routing = self._collect_routing(recorder, inputs_embeds)
+        aux_loss, routing, router_loss = self._collect_routing(recorder, inputs_embeds)
         loss = None
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
@@ -259,6 +260,8 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             )
             if self.config.evf is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
+                if router_loss is not None:
+                    loss = loss + router_loss
         # The language model's logits, cache, hidden states and attentions, under the installed version's names
         # (an LM's extra outputs, such as a MoE LM's router logits, are not carried).
         lm_fields = {key: value for key, value in out.items() if key in LM_OUTPUT_FIELDS}
@@ -281,13 +284,16 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
     @staticmethod
     def _collect_routing(
         recorder: RoutingRecorder | None, like: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[int, RoutingStats] | None]:
+    ) -> tuple[torch.Tensor, dict[int, RoutingStats] | None, torch.Tensor | None]:
+        """Summed balance loss, per-layer statistics and the summed (already weighted) modality routing loss
+        (None when no layer computed one)."""
         zero = torch.zeros((), dtype=torch.float32, device=like.device)
         if recorder is None:
-            return zero, None
+            return zero, None, None
         outputs = dict(sorted(recorder.outputs.items()))
         aux = sum((o.aux_loss.float() for o in outputs.values()), zero)
-        return aux, {i: o.stats for i, o in outputs.items()}
+        router = [o.router_loss.float() for o in outputs.values() if o.router_loss is not None]
+        return aux, {i: o.stats for i, o in outputs.items()}, sum(router, zero) if router else None
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod

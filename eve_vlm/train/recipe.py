@@ -23,6 +23,15 @@ from eve_vlm.errors import ConfigError
 from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
 
 STAGES = (1, 2, 3)
+ROUTER_INITS = ("random", "modality")
+TRAINING_ONLY = (
+    "placement",
+    "aux_loss_coef",
+    "router_init",
+    "router_init_batches",
+    "router_init_confidence",
+    "router_lr",
+)
 
 
 @dataclass
@@ -132,7 +141,20 @@ class LoraSpec:
 @dataclass
 class EvfSpec:
     """Stage-3 Elastic Vision FFN insertion: `EvfConfig`'s options (see there for their meaning, validated the
-    same way) with a `placement` instead of layer indices, and the balance-loss weight."""
+    same way) with a `placement` instead of layer indices, the balance-loss weight, and how the routers start
+    and learn.
+
+    Attributes (besides `EvfConfig`'s):
+        aux_loss_coef: Weight of the summed balance loss.
+        router_init: `random` (the paper's: N(0, 0.02), near-uniform routing) or `modality` (warm start
+            [ours]: before training, each router is fitted on the image mask over `router_init_batches`
+            training micro-batches, so image tokens start on the vision FFN and text tokens on the language
+            FFN, each with probability `router_init_confidence`; training then moves them).
+        router_init_batches: Micro-batches whose EVF inputs the warm start fits on.
+        router_init_confidence: Router probability the warm start aims at for each token's modality expert.
+        router_lr: Learning rate of the router weights (None = `training.learning_rate`); the schedule
+            scales it like the others.
+    """
 
     placement: str | list[int] = "alternate"
     num_experts: int = 2
@@ -144,19 +166,37 @@ class EvfSpec:
     combine: str = "soft"
     balance_loss: str = "switch"
     use_residual: bool = False
+    modality_loss_coef: float = 0.0
     aux_loss_coef: float = 0.01
+    router_init: str = "random"
+    router_init_batches: int = 4
+    router_init_confidence: float = 0.9
+    router_lr: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.placement, str) and self.placement not in PLACEMENTS:
             raise ConfigError(
                 f"evf.placement={self.placement!r}: use one of {PLACEMENTS} or a list of layer indices."
             )
+        if self.router_init not in ROUTER_INITS:
+            raise ConfigError(f"evf.router_init={self.router_init!r}: use one of {list(ROUTER_INITS)}.")
+        if self.router_init_batches < 1:
+            raise ConfigError(f"evf.router_init_batches={self.router_init_batches} must be >= 1.")
+        if not 0.5 < self.router_init_confidence < 1:
+            raise ConfigError(
+                f"evf.router_init_confidence={self.router_init_confidence} must lie in (0.5, 1)."
+            )
+        if self.router_lr is not None and not self.router_lr > 0:
+            raise ConfigError(
+                f"evf.router_lr={self.router_lr} must be > 0 (or null for training.learning_rate)."
+            )
         EvfConfig.from_dict(self.options())  # the same checks as the model's
 
     def options(self) -> dict:
+        """The `EvfConfig` options (what the model saves)."""
         out = dataclasses.asdict(self)
-        out.pop("placement")
-        out.pop("aux_loss_coef")
+        for key in TRAINING_ONLY:
+            out.pop(key)
         return out
 
 

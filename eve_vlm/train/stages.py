@@ -191,6 +191,26 @@ def text_path_trains(model: EveForConditionalGeneration) -> bool:
     )
 
 
+def warm_start(recipe: Recipe, model, dataset: LlavaDataset, processor: EveProcessor, log=print) -> dict:
+    """Fits the EVF routers on the image mask over the first `evf.router_init_batches` micro-batches of a
+    seeded shuffle of the training data (see `router_warm_start.py`)."""
+    from torch.utils.data import DataLoader
+
+    from eve_vlm.train.router_warm_start import warm_start_routers
+
+    loader = DataLoader(
+        dataset,
+        batch_size=recipe.training.per_device_train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(recipe.training.seed),
+        collate_fn=EveCollator(processor.tokenizer.pad_token_id, processor.load_images),
+    )
+    batches = (b for i, b in zip(range(recipe.evf.router_init_batches), loader, strict=False))
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.training.bf16)
+    with autocast:
+        return warm_start_routers(model, batches, confidence=recipe.evf.router_init_confidence, log=log)
+
+
 def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     """Runs one stage end to end; returns the summary written next to the model."""
     start = time.time()
@@ -202,6 +222,12 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
             f"data: dropped {dropped} text-only rows: without an image the model runs the frozen base path "
             "(LoRA off, language FFNs only), so they would train nothing"
         )
+    if (
+        recipe.evf is not None
+        and recipe.evf.router_init == "modality"
+        and not latest_checkpoint(expand(recipe.training.output_dir))
+    ):
+        warm_start(recipe, model, dataset, processor, log=log)
     args = training_arguments(recipe)
     trainer = EveTrainer(
         model=model,
@@ -209,6 +235,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         train_dataset=dataset,
         data_collator=EveCollator(processor.tokenizer.pad_token_id, processor.load_images),
         callbacks=callbacks,
+        router_lr=recipe.evf.router_lr if recipe.evf is not None else None,
     )
     resume = recipe.training.resume_from_checkpoint
     if resume == "auto":

@@ -5,7 +5,8 @@ per-layer routing statistics are averaged over the logging window and logged bes
 TensorBoard when `report_to: tensorboard`), and the train sampler keeps image rows and text-only rows in
 separate micro-batches grouped by length (LLaVA's `group_by_modality_length`). Everything else - DDP/FSDP/
 DeepSpeed through accelerate, gradient accumulation, mixed precision, checkpointing and resume, the cosine
-schedule, progress bars - is transformers'.
+schedule, progress bars - is transformers'. With `router_lr`, the EVF routers get their own learning rate (a
+parameter group split from transformers' optimizer groups, so the schedule scales it like the others).
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ def routing_metrics(routing: dict[int, RoutingStats]) -> dict[str, float]:
 
 
 class EveTrainer(Trainer):
-    """transformers' `Trainer` with routing metrics and modality-grouped batches."""
+    """transformers' `Trainer` with routing metrics, modality-grouped batches and an optional router learning
+    rate.
 
-    def __init__(self, *args, **kwargs):
+    Args:
+        router_lr: Learning rate of the parameters named `*.router.*` (EVF routers); None = the same as the
+            others.
+    """
+
+    def __init__(self, *args, router_lr: float | None = None, **kwargs):
+        self.router_lr = router_lr
         super().__init__(*args, **kwargs)
         self._routing_sums: dict[str, float] = defaultdict(float)
         self._routing_counts: dict[str, int] = defaultdict(int)
@@ -58,6 +66,22 @@ class EveTrainer(Trainer):
             self._routing_sums.clear()
             self._routing_counts.clear()
         super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.router_lr is None or getattr(self, "_router_group_added", False):
+            return optimizer
+        opt_model = self.model if model is None else model
+        router = {id(p) for n, p in opt_model.named_parameters() if p.requires_grad and ".router." in n}
+        if not router:
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in router]
+            group["params"] = [p for p in group["params"] if id(p) not in router]
+        optimizer.add_param_group({"params": moved, "lr": self.router_lr, "weight_decay": 0.0})
+        self._router_group_added = True
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
