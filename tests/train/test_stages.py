@@ -10,7 +10,7 @@ from conftest import tiny_text_config, tiny_tokenizer, tiny_vision_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 
-from eve_vlm.model import EveForConditionalGeneration
+from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.train.recipe import load_recipe
 from eve_vlm.train.stages import run_stage
 
@@ -67,7 +67,7 @@ def parts(tmp_path_factory):
     return root
 
 
-def recipe(parts, tmp_path, stage, **training):
+def recipe(parts, tmp_path, stage, evf=None, **training):
     data = {
         "stage": stage,
         "model": {"init_from": str(tmp_path / f"stage{stage - 1}")}
@@ -106,7 +106,7 @@ def recipe(parts, tmp_path, stage, **training):
     if stage == 2:
         data["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     if stage == 3:
-        data["evf"] = {"placement": "alternate", "allocation": "img_gbpr"}
+        data["evf"] = {"placement": "alternate", "allocation": "img_gbpr", **(evf or {})}
     path = tmp_path / f"stage{stage}.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_recipe(path)
@@ -179,6 +179,58 @@ def test_three_stages(parts, tmp_path):
         and not torch.equal(p, dict(m3.named_parameters())[n.replace("vision_ffns.0", "language_ffn")])
     ]
     assert moved  # the vision FFNs trained away from their copies
+
+
+class RouterGroups(TrainerCallback):
+    """Records the optimizer's (lr, parameter count) per group at the first step."""
+
+    def __init__(self):
+        self.groups = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.groups is None:
+            self.groups = [
+                (g["initial_lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups
+            ]
+
+
+def router_probs_on_data(model, parts, processor_dir):
+    """Per EVF layer: share of image / text tokens whose top-1 is the vision FFN, on the first training rows."""
+    from eve_vlm.train.router_warm_start import capture_evf_inputs
+
+    processor = EveProcessor.from_pretrained(processor_dir)
+    rows = [json.loads(line) for line in (parts / "vqa.jsonl").read_text().splitlines()][:8]
+    batch = processor(
+        [processor.chat_prompt(r["conversations"][0]["value"]) for r in rows],
+        images=[Image.open(parts / "images" / r["image"]).convert("RGB") for r in rows],
+        padding=True,
+    )
+    out = {}
+    for i, (hidden, mask) in capture_evf_inputs(model, [dict(batch)]).items():
+        vision = (hidden @ model.evf_layers[i].router.weight.detach().t()).argmax(dim=-1) > 0
+        out[i] = (float(vision[mask].float().mean()), float(vision[~mask].float().mean()))
+    return out
+
+
+def test_stage3_router_warm_start_and_router_lr(parts, tmp_path):
+    """`evf.router_init: modality` fits the routers on the image mask before training; `evf.router_lr` puts the
+    routers in their own optimizer group; the plain recipe does neither."""
+    run_stage(recipe(parts, tmp_path, 1, max_steps=3))
+    run_stage(recipe(parts, tmp_path, 2, max_steps=3))
+    plain = recipe(parts, tmp_path, 3)
+    assert (plain.evf.router_init, plain.evf.router_lr, plain.evf.modality_loss_coef) == ("random", None, 0.0)
+
+    logs, groups = [], RouterGroups()
+    options = {"router_init": "modality", "router_lr": 0.05, "modality_loss_coef": 0.1}
+    warm = recipe(parts, tmp_path, 3, evf=options, max_steps=2, learning_rate=1e-3)
+    run_stage(warm, log=logs.append, callbacks=[groups])
+    assert any(line.startswith("router warm start:") for line in logs)
+    assert (0.05, 2 * 64) in groups.groups  # 2 routers of (E=2) x (D=32)
+    assert all(lr == 1e-3 for lr, n in groups.groups if n != 2 * 64)
+    m3 = EveForConditionalGeneration.from_pretrained(tmp_path / "stage3").eval()
+    assert m3.config.evf["modality_loss_coef"] == 0.1
+    for image_share, text_share in router_probs_on_data(m3, parts, tmp_path / "stage2").values():
+        assert image_share >= 0.9 and text_share <= 0.1
 
 
 class StopAfter(TrainerCallback):
