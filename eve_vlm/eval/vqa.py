@@ -22,6 +22,7 @@ never mix rows with and without an image.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -50,7 +51,9 @@ __all__ = [
     "generate_answers",
     "load_vqa_rows",
     "normalize_answer",
+    "paired_difference",
     "score_predictions",
+    "standard_error",
 ]
 
 SOFT_MATCHES = 3  # VQAv2: an answer given by 3 of the annotators counts fully
@@ -156,6 +159,33 @@ def answer_accuracy(prediction: str, answers: list[str]) -> tuple[float, float]:
     return min(1.0, sum(r == pred for r in refs) / SOFT_MATCHES), exact
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of per-question scores in [0, 1], in percentage points (0 for n < 2)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return 100.0 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired_difference(a: list[dict], b: list[dict]) -> dict:
+    """Accuracy of `a` minus that of `b` on the same questions (matched by `id`), with the paired standard
+    error (of the per-question differences), in percentage points.
+
+    Raises:
+        ValueError: The two prediction lists do not cover the same question ids.
+    """
+    by_id = {p["id"]: p["accuracy"] for p in b}
+    if {p["id"] for p in a} != set(by_id) or len(a) != len(b):
+        raise ValueError("paired_difference needs predictions for the same questions (ids differ)")
+    diffs = [p["accuracy"] - by_id[p["id"]] for p in a]
+    return {
+        "questions": len(diffs),
+        "difference": 100.0 * sum(diffs) / len(diffs) if diffs else 0.0,
+        "stderr": standard_error(diffs),
+    }
+
+
 def score_predictions(predictions: list[dict]) -> dict:
     """Aggregates scored predictions into the VQA metrics.
 
@@ -163,8 +193,9 @@ def score_predictions(predictions: list[dict]) -> dict:
         predictions: Dicts with `prediction`, `answers`, and optionally `question_type` and `image`.
 
     Returns:
-        `{"questions", "accuracy", "exact_match", "by_type": {type: {...}}, "by_modality": {...}}`, each
-        group with `questions`, `accuracy` and `exact_match` (percentages, 0-100).
+        `{"questions", "accuracy", "accuracy_stderr", "exact_match", "by_type": {type: {...}},
+        "by_modality": {...}}`, each group with `questions`, `accuracy`, `accuracy_stderr` (standard error of
+        the mean over questions) and `exact_match` (percentages, 0-100).
     """
     groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for p in predictions:
@@ -178,6 +209,7 @@ def score_predictions(predictions: list[dict]) -> dict:
         return {
             "questions": n,
             "accuracy": 100.0 * sum(a for a, _ in scores) / n if n else 0.0,
+            "accuracy_stderr": standard_error([a for a, _ in scores]),
             "exact_match": 100.0 * sum(e for _, e in scores) / n if n else 0.0,
         }
 

@@ -19,7 +19,9 @@ from eve_vlm.eval.vqa import (
     evaluate_vqa,
     load_vqa_rows,
     normalize_answer,
+    paired_difference,
     score_predictions,
+    standard_error,
 )
 from eve_vlm.model import EveProcessor
 
@@ -145,7 +147,12 @@ def test_score_predictions_on_given_predictions():
     assert m["questions"] == 4
     assert m["accuracy"] == pytest.approx(100 * (1 + 0 + 2 / 3 + 1) / 4)
     assert m["exact_match"] == pytest.approx(100 * 3 / 4)
-    assert m["by_type"]["colour"] == {"questions": 2, "accuracy": 50.0, "exact_match": 50.0}
+    assert m["by_type"]["colour"] == {
+        "questions": 2,
+        "accuracy": 50.0,
+        "accuracy_stderr": 50.0,
+        "exact_match": 50.0,
+    }
     assert m["by_type"]["count"]["accuracy"] == pytest.approx(100 * 2 / 3)
     assert m["by_type"]["untyped"]["questions"] == 1
     assert m["by_modality"]["image"]["questions"] == 3 and m["by_modality"]["text"]["accuracy"] == 100.0
@@ -224,3 +231,17 @@ def test_eve_eval_vqa_cli(tmp_path):
     assert metrics["questions"] == 4 and len(predictions) == 4
     assert {"id", "prediction", "answers", "accuracy"} <= set(predictions[0])
     assert metrics["accuracy"] == pytest.approx(100 * sum(p["accuracy"] for p in predictions) / 4)
+
+
+def test_standard_error_and_paired_difference():
+    assert standard_error([1.0]) == 0.0
+    assert standard_error([1.0, 1.0, 1.0]) == 0.0
+    # sample sd of (1, 0, 1, 0) = sqrt(1/3); over sqrt(4)
+    assert standard_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx(100 * (1 / 3) ** 0.5 / 2)
+    a = [{"id": i, "accuracy": acc} for i, acc in enumerate([1.0, 1.0, 0.0, 1.0])]
+    b = [{"id": i, "accuracy": acc} for i, acc in reversed(list(enumerate([1.0, 0.0, 0.0, 0.0])))]
+    d = paired_difference(a, b)
+    assert d["questions"] == 4 and d["difference"] == pytest.approx(50.0)
+    assert d["stderr"] == pytest.approx(standard_error([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(a, b[:3])
