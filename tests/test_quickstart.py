@@ -25,22 +25,44 @@ def assets():
 
 def test_quickstart_smoke(assets, tmp_path):
     run_quickstart(str(tmp_path / "qs"), smoke=True)
-    said = []  # a second run with the baseline reuses stages 1-3 and only adds the baseline
-    report = run_quickstart(str(tmp_path / "qs"), smoke=True, with_baseline=True, log=said.append)
-    for name in ("stage1", "stage2", "stage3"):
+    said = []  # a second run with the baseline and the ablation reuses stages 1-3 and the control
+    report = run_quickstart(
+        str(tmp_path / "qs"), smoke=True, with_baseline=True, ablation=True, log=said.append
+    )
+    for name in ("stage1", "stage2", "control", "stage3"):
         assert any(line.startswith(f"== {name}: reusing") for line in said), name
     assert "== baseline: training ==" in said and "== stage1: training ==" not in said
+    for policy in ("rts", "bpr", "gbpr", "img_gbpr", "modality"):
+        assert f"== ablation-{policy}: training ==" in said
     text = report.read_text()
     assert "Reused from an earlier run in this folder" in text
-    for name in ("stage1", "stage2", "stage3", "baseline"):
+    for name in ("stage1", "stage2", "control", "stage3", "baseline"):
         assert f"`{name}`" in text
-    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())["models"]
-    for name in ("stage1", "stage2", "stage3"):  # the elastic guarantee on real weights
+    saved = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    metrics = saved["models"]
+    for name in ("stage1", "stage2", "control", "stage3"):  # the elastic guarantee on real weights
         language = metrics[name]["language"]
         assert language["text"]["delta_perplexity"] == 0.0
         assert language["mc"]["wordnet_mc"]["delta_acc"] == 0.0
+    assert metrics["stage1"]["vqa"] is None  # trained on captions: no VQA evaluation
     assert metrics["baseline"]["language"]["text"]["delta_perplexity"] != 0.0
     assert metrics["stage3"]["routing"]
+    assert metrics["stage3"]["vqa"]["accuracy_stderr"] >= 0.0
+    pairs = {(p["model"], p["against"]): p for p in saved["comparisons"]}
+    assert {("stage3", "stage2"), ("stage3", "control"), ("control", "stage2")} <= set(pairs)
+    s3, s2 = metrics["stage3"]["vqa"], metrics["stage2"]["vqa"]
+    assert pairs[("stage3", "stage2")]["questions"] == s3["questions"] == s2["questions"] == 16
+    assert abs(pairs[("stage3", "stage2")]["difference"] - (s3["accuracy"] - s2["accuracy"])) < 1e-9
+    assert "## Paired differences in VQA accuracy" in text
+    assert [r["policy"] for r in saved["ablation"]] == ["rts", "bpr", "gbpr", "img_gbpr", "modality"]
+    assert "## Allocation policies, each trained" in text and (tmp_path / "qs" / "ablation.png").is_file()
+    control = json.loads((tmp_path / "qs" / "control" / DONE_MARKER).read_text())
+    stage3 = json.loads((tmp_path / "qs" / "stage3" / DONE_MARKER).read_text())
+    assert control["steps"] == stage3["steps"] and control["recipe"]["model"]["init_from"].endswith("stage2")
+    assert control["recipe"]["training"]["seed"] == stage3["recipe"]["training"]["seed"]
+    rts = json.loads((tmp_path / "qs" / "ablation" / "rts" / DONE_MARKER).read_text())["recipe"]
+    assert rts["evf"]["allocation"] == "rts" and rts["evf"]["capacity_factor"] == 1.5
+    assert rts["training"]["max_steps"] == 2  # half of the smoke run's 3 steps, rounded
     assert list(tmp_path.joinpath("qs").glob("*.png"))
     assert "## Wall time" in text
     # `eve chat` on the result: a text-only question gets the base SmolLM2's answer (under the same prompt);
@@ -82,3 +104,58 @@ def test_wall_time_section_names_the_machine_versions_and_every_step():
     assert f"transformers {transformers.__version__}" in text and "smoke run" in text
     assert "| stage1 train | 90 | 1.5 |" in text and "| total | 150 | 2.5 |" in text
     assert "with the times measured then: stage1." in text
+
+
+def fake_vqa(hits: list[int]) -> dict:
+    predictions = [{"id": f"q{k}", "accuracy": float(h)} for k, h in enumerate(hits)]
+    return {"predictions": predictions, "accuracy": 100.0 * sum(hits) / len(hits), "questions": len(hits)}
+
+
+def test_comparisons_are_paired_on_the_same_questions_and_marked_against_their_noise():
+    from eve_vlm.quickstart import comparison_section, comparisons
+
+    metrics = {
+        "stage2": {"vqa": fake_vqa([0, 1] * 50)},
+        "control": {"vqa": fake_vqa([0, 1] * 50)},
+        "stage3": {"vqa": fake_vqa([1, 1] * 50)},  # right on every question stage 2 missed
+        "stage1": {"vqa": None},
+    }
+    pairs = {(p["model"], p["against"]): p for p in comparisons(metrics)}
+    assert set(pairs) == {("stage3", "stage2"), ("stage3", "control"), ("control", "stage2")}
+    assert pairs[("stage3", "stage2")]["difference"] == 50.0
+    assert pairs[("control", "stage2")] == {
+        "model": "control",
+        "against": "stage2",
+        "questions": 100,
+        "difference": 0.0,
+        "stderr": 0.0,
+    }
+    text = comparison_section(list(pairs.values()))
+    assert "| stage3 | stage2 | 100 | +50.00 | 5.03 | yes |" in text  # sd 0.5025 / sqrt(100), in points
+    assert "| control | stage2 | 100 | +0.00 | 0.00 | no |" in text
+
+
+def test_ablation_rows_follow_the_policy_order_and_plot(tmp_path):
+    from eve_vlm.quickstart import ablation_rows, plot_ablation
+
+    def run(policy, to_vision):
+        layer = {
+            "entropy": 0.3,
+            "vision_routed_image": to_vision,
+            "vision_routed_text": 0.1,
+            "drop_rate_image": 0.0,
+            "drop_rate_text": 0.2,
+        }
+        routing = {"policy": policy, "policies": {policy: {"0": layer, "2": {**layer, "entropy": 0.5}}}}
+        return {"vqa": {**fake_vqa([1, 0, 1, 1]), "accuracy_stderr": 25.0}, "routing": routing}
+
+    metrics = {
+        "ablation-modality": run("modality", 1.0),
+        "ablation-rts": run("rts", 0.5),
+        "stage3": run("x", 0),
+    }
+    rows = ablation_rows(metrics, {"ablation-rts train": 120.0})
+    assert [r["policy"] for r in rows] == ["rts", "modality"]  # stage 3 itself is not an ablation run
+    assert rows[0]["entropy"] == 0.4 and rows[0]["image_to_vision"] == 0.5 and rows[0]["train_seconds"] == 120
+    assert rows[1]["accuracy"] == 75.0 and rows[1]["accuracy_stderr"] == 25.0
+    assert plot_ablation(rows, tmp_path / "a.png").stat().st_size > 1024

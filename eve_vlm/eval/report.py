@@ -52,12 +52,13 @@ def _vqa_section(models: dict) -> list[str]:
     if not have:
         return []
     types = sorted({t for v in have.values() for t in v.get("by_type", {})})
-    header = ["model", "questions", "accuracy", "exact match", *types]
+    header = ["model", "questions", "accuracy", "± SE", "exact match", *types]
     rows = [
         [
             name,
             _fmt(v["questions"]),
             _fmt(v["accuracy"]),
+            _fmt(v.get("accuracy_stderr")),
             _fmt(v["exact_match"]),
             *[_fmt(v.get("by_type", {}).get(t, {}).get("accuracy")) for t in types],
         ]
@@ -65,7 +66,7 @@ def _vqa_section(models: dict) -> list[str]:
     ]
     note = (
         "Accuracy in % (VQAv2 normalisation; soft accuracy where a question has several references; "
-        "per question type in the last columns)."
+        "per question type in the last columns), with its standard error over questions (± SE)."
     )
     return ["## VQA", "", note, "", *_table(header, rows), ""]
 

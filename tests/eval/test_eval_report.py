@@ -52,8 +52,8 @@ def test_report_renders_one_row_per_model(tmp_path):
     }
     report = write_report(metrics, tmp_path / "out", {"stage2": [str(plot)]})
     text = Path(report).read_text()
-    assert "| stage1 | 4 | 25.00 | 25.00 | 25.00 |" in text
-    assert "| stage2 | 4 | 75.00 | 75.00 | 75.00 |" in text
+    assert "| stage1 | 4 | 25.00 | 25.00 | 25.00 | 25.00 |" in text  # accuracy, SE, exact, colour
+    assert "| stage2 | 4 | 75.00 | 25.00 | 75.00 | 75.00 |" in text
     assert "| base | text (100 tokens) | perplexity | 12.500 | 12.500 | +0.000 |" in text
     assert "| stage2 | piqa (10 items) | acc | 60.00 | 60.00 | +0.00 |" in text
     assert "## Routing" not in text  # no routing metrics given; the plot is still linked, relatively

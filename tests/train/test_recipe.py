@@ -111,3 +111,16 @@ def test_bad_evf_options_fail_at_load(tmp_path):
     data["evf"] = {"placement": "odd"}
     with pytest.raises(ConfigError, match="placement='odd'"):
         load_recipe(write(tmp_path, data))
+
+
+def test_paper_recipe_keeps_the_plain_router_and_the_quickstart_warm_starts_it():
+    """The router options are ours: the paper's stage 3 recipe trains the plain N(0, 0.02) router at the base
+    learning rate with the balance loss only; the quickstart's fits it on the image mask first."""
+    paper = load_recipe(ROOT / "recipes" / "paper" / "stage3.yaml").evf
+    assert (paper.router_init, paper.router_lr, paper.modality_loss_coef) == ("random", None, 0.0)
+    assert paper.capacity_factor == 1.5
+    quick = load_recipe(ROOT / "recipes" / "quickstart" / "stage3.yaml").evf
+    assert quick.router_init == "modality" and quick.modality_loss_coef > 0
+    assert quick.capacity_factor == 2.0  # with 2 experts nothing is dropped in training (see the recipe)
+    assert quick.options()["modality_loss_coef"] == 0.1  # the loss is part of the model config
+    assert "router_init" not in quick.options()  # training-only keys stay out of the model config
