@@ -2,10 +2,11 @@
 
 Trains `recipes/quickstart/stage3.yaml` from a saved stage 2 once per variant, for `--steps` optimizer steps
 into a temporary folder (nothing is saved under `runs/`), in training mode as the recipe says (bf16
-autocast, capacity factor 1.5, Img-GBPR, straight-through combine, switch balance loss 0.01), then measures
-the routing of every EVF layer on `--rows` easy-VQA test questions (eval mode, the model's own policy at the
-training capacity; padding excluded) and prints one JSON line per variant: mean router entropy (nats), share
-of image and of text tokens routed to the vision FFN, drop rates, the mean training loss over the last
+autocast, its capacity factor unless `--capacity-factor` is given, Img-GBPR, straight-through combine, switch
+balance loss 0.01), then measures the routing of every EVF layer on `--rows` easy-VQA test questions (eval
+mode, the model's own policy at the training capacity; padding positions are routed and counted as text, as
+`eve eval routing` does) and prints one JSON line per variant: mean router entropy (nats), share of image and
+of text tokens routed to the vision FFN, drop rates, the mean of the per-step training losses over the last
 quarter of the steps and the seconds the training took.
 
 Variants (the paper's plain router first; the other three are this project's options):
@@ -15,7 +16,7 @@ Variants (the paper's plain router first; the other three are this project's opt
 - `warm_start`: `evf.router_init=modality` (routers fitted on the image mask before step 1);
 - `warm_start+loss`: the warm start, `--router-lr`, and `evf.modality_loss_coef=--loss-coef`.
 
-    python benchmarks/router_options.py --init-from runs/quickstart/stage2 --steps 20
+    python benchmarks/router_options.py --init-from runs/quickstart/stage2 --steps 20 [--capacity-factor 1.5]
 
 Needs the default parts (`eve prepare`). Run nothing else meanwhile: the seconds are the machine's.
 """
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--router-lr", type=float, default=1e-2)
     parser.add_argument("--loss-coef", type=float, default=0.01)
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    parser.add_argument(
+        "--capacity-factor", type=float, help="training capacity factor (default: the recipe's)"
+    )
     args = parser.parse_args()
     rows = load_vqa_rows(str(require_assets()["easy_vqa_test"]), None)
     rows = rows[:: max(1, len(rows) // args.rows)][: args.rows]
@@ -99,8 +103,11 @@ def main() -> None:
                 f"training.output_dir={tmp}",
                 f"training.max_steps={args.steps}",
                 "training.save_steps=0",
+                "training.logging_steps=1",
                 *extra,
             ]
+            if args.capacity_factor is not None:
+                overrides.append(f"evf.capacity_factor={args.capacity_factor}")
             recipe = load_recipe(RECIPES / "stage3.yaml", overrides)
             start = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is JSON only

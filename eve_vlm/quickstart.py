@@ -4,10 +4,11 @@
 2. Stages 1 -> 2 -> 3 with `recipes/quickstart/stage{1,2,3}.yaml`, and a **control**: stage 2 continued from
    its own result for as many steps, with the same data and seed, as stage 3 trains, so the report shows
    whether stage 3 beats simply training stage 2 longer. Each model is evaluated: easy-VQA test accuracy on
-   the same `vqa_limit` questions (greedy, under bf16 autocast; with its standard error, and paired differences between models; stage 1,
-   trained on captions only, gets no VQA evaluation), text perplexity and multiple-choice accuracy next to the
-   base LLM's (the delta must be 0.000: the elastic guarantee), and after stage 3 the routing of every EVF
-   layer under each allocation policy.
+   the same `vqa_limit` questions (greedy, under bf16 autocast; with its standard error, and paired
+   differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
+   and multiple-choice accuracy next to the base LLM's (the delta must be 0.000: the elastic guarantee), and
+   after stage 3 the routing of every EVF layer under each allocation policy (at stage 3's training capacity,
+   where with 2 experts and factor 2.0 nothing is dropped: only `modality` differs there).
 3. With `--with-baseline`: a LLaVA-style stage 2 that trains the full LLM (no LoRA) from the same stage 1,
    evaluated the same way, so the report shows the language delta the Eve recipe avoids.
 4. With `--ablation`: stage 3 trained once per token-allocation policy (`ABLATION_POLICIES`) from the same
@@ -16,32 +17,39 @@
    its routing under its own policy: the paper's Fig. 3 comparison, trained.
 5. `runs/quickstart/report.md` (+ `metrics.json`, PNG plots): one row per model, and the wall time per step.
 
-A model that a previous run left in the output folder, trained from the same recipe (and from the same
-earlier stages), is reused rather than retrained, and its evaluation too when the evaluation settings are the
-same; so an interrupted run continues where it stopped and `eve quickstart --ablation` after `eve quickstart`
-only adds the ablation. Delete the output folder to start over.
+A model that a previous run left in the output folder, trained from the same recipe and finished after the
+model it starts from (make's rule), is reused rather than retrained, and its evaluation too when the
+evaluation settings are the same; so `eve quickstart --ablation` after `eve quickstart` only adds the
+ablation. A training that was interrupted resumes from its last checkpoint; one whose recipe or parent changed
+starts over (its old checkpoints are removed). Delete the output folder to start over entirely.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from eve_vlm.assets import prepare
 from eve_vlm.errors import ConfigError
 
-STAGES = (1, 2, 3)
+if TYPE_CHECKING:
+    from eve_vlm.train.recipe import Recipe
+
 RECORD = "quickstart_record.json"
+PENDING = "quickstart_training.json"  # the recipe of a training under way (an interrupted run resumes it)
 LANGUAGE_BATCH = 8  # sequences per forward when scoring perplexity and multiple choice
 VQA_BATCH = 32  # questions per generate call
 VQA_BF16 = True  # greedy answers under bf16 autocast, as stages 2 and 3 train (about 2x faster on a CPU)
 ABLATION_POLICIES = ("rts", "bpr", "gbpr", "img_gbpr", "modality")
-# The policies differ only in which tokens an expert over capacity drops; the quickstart's stage 3 drops nothing
-# (capacity factor 2.0 with 2 experts), so the ablation trains at the paper code's training capacity factor,
-# for half of stage 3's steps to keep the five runs near 40 minutes on 2 cores.
+# The capacity policies (rts, bpr, gbpr, img_gbpr) differ only in which tokens an expert over capacity drops,
+# and the quickstart's stage 3 drops nothing (capacity factor 2.0 with 2 experts); `modality` routes by the
+# image mask with no capacity limit. The ablation trains at the paper code's training capacity factor, for half
+# of stage 3's steps (the README states the wall time measured).
 ABLATION_CAPACITY = 1.5
 ABLATION_STEP_FRACTION = 0.5
 COMPARISONS = (  # (model, against): paired differences on the same questions, when both were evaluated
@@ -62,10 +70,15 @@ class Run:
     depends_on: str | None
     vqa: bool = True
     language: bool = True
-    routing: str | None = None  # "all": every allocation policy; "own": the model's own policy
+    routing: Literal["all", "own"] | None = None  # every allocation policy, or the model's own
     folder: str = ""  # under the output folder; `name` when empty
 
+    def __post_init__(self) -> None:
+        if self.routing not in ("all", "own", None):
+            raise ValueError(f"Run.routing={self.routing!r}: use 'all', 'own' or None")
+
     def model_dir(self, out: Path) -> Path:
+        """Where the run's model, checkpoints and record live."""
         return out / (self.folder or self.name)
 
 
@@ -103,7 +116,7 @@ def baseline_overrides(out: Path, smoke: bool) -> list[str]:
     return overrides
 
 
-def control_overrides(out: Path, smoke: bool, stage3) -> list[str]:
+def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
     """Stage 2 continued from its own result for stage 3's steps, data and seed (its own learning rate and
     trainable parameters: projector and LoRA)."""
     t = stage3.training
@@ -116,7 +129,7 @@ def control_overrides(out: Path, smoke: bool, stage3) -> list[str]:
     return overrides
 
 
-def ablation_overrides(out: Path, smoke: bool, policy: str, stage3) -> list[str]:
+def ablation_overrides(out: Path, smoke: bool, policy: str, stage3: Recipe) -> list[str]:
     """Stage 3 with another allocation policy, at `ABLATION_CAPACITY` for a fraction of its steps."""
     steps = max(1, round(stage3.training.max_steps * ABLATION_STEP_FRACTION))
     return stage_overrides(3, out, smoke) + [
@@ -262,11 +275,15 @@ def trained_summary(model_dir: Path, recipe: dict) -> dict | None:
 
 
 def comparisons(metrics: dict[str, dict]) -> list[dict]:
-    """Paired accuracy differences (same questions) between the models named in `COMPARISONS` and between
-    each ablation run and stage 2."""
+    """Paired accuracy differences (same questions) between the models named in `COMPARISONS`, and between
+    each ablation run and the `img_gbpr` one."""
     from eve_vlm.eval.vqa import paired_difference
 
-    pairs = list(COMPARISONS) + [(name, "stage2") for name in metrics if name.startswith("ablation-")]
+    pairs = list(COMPARISONS) + [
+        (name, "ablation-img_gbpr")
+        for name in metrics
+        if name.startswith("ablation-") and name != "ablation-img_gbpr"
+    ]
     out = []
     for a, b in pairs:
         pa = (metrics.get(a) or {}).get("vqa", {}) or {}
@@ -274,6 +291,82 @@ def comparisons(metrics: dict[str, dict]) -> list[dict]:
         if "predictions" in pa and "predictions" in pb:
             out.append({"model": a, "against": b, **paired_difference(pa["predictions"], pb["predictions"])})
     return out
+
+
+def up_to_date(model_dir: Path, parent_dir: Path | None) -> bool:
+    """Whether the model in `model_dir` was finished after the model it starts from (make's rule): a parent
+    retrained since, in this run or an interrupted one, makes it stale."""
+    from eve_vlm.train.stages import DONE_MARKER
+
+    done = model_dir / DONE_MARKER
+    if not done.is_file():
+        return False
+    return parent_dir is None or done.stat().st_mtime >= (parent_dir / DONE_MARKER).stat().st_mtime
+
+
+def clear_for_training(model_dir: Path, recipe: dict, parent_dir: Path | None) -> None:
+    """Removes what an earlier, different training left in `model_dir` (its checkpoints, which the stage would
+    otherwise resume from, its finished marker and record), unless they belong to an interrupted training of
+    the same recipe from the same parent; then notes the training under way in `PENDING`."""
+    from eve_vlm.train.stages import DONE_MARKER
+
+    pending = model_dir / PENDING
+    try:
+        same = json.loads(pending.read_text()) == recipe and (
+            parent_dir is None or pending.stat().st_mtime >= (parent_dir / DONE_MARKER).stat().st_mtime
+        )
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        for checkpoint in model_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        for name in (DONE_MARKER, RECORD):
+            (model_dir / name).unlink(missing_ok=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        pending.write_text(json.dumps(recipe))
+
+
+def train_or_reuse(run: Run, out_dir: Path, settings: dict, evaluate: Evaluator, log=print) -> dict:
+    """Trains and evaluates one run, or reuses what an earlier run left: the evaluation when the recipe and
+    the evaluation settings match, the model alone when the recipe matches; nothing when the model is older
+    than the one it starts from. Returns `{"metrics", "plots", "timings", "reused"}` (`reused`: a label for
+    the report, or None)."""
+    from eve_vlm.train.recipe import load_recipe
+    from eve_vlm.train.stages import run_stage
+
+    model_dir = run.model_dir(out_dir)
+    parent_dir = out_dir / run.depends_on if run.depends_on else None
+    recipe = load_recipe(recipes_dir() / f"stage{run.stage}.yaml", list(run.overrides))
+    recipe_dict = json.loads(json.dumps(asdict(recipe)))
+    evals = {"vqa": run.vqa, "language": run.language, "routing": run.routing}
+    key = {
+        "recipe": recipe_dict,
+        "eval": {**settings, "parts": evals, "vqa_batch": VQA_BATCH, "vqa_bf16": VQA_BF16},
+    }
+    current = up_to_date(model_dir, parent_dir)
+    record = load_record(model_dir, key) if current else None
+    if record is not None:
+        log(f"== {run.name}: reusing the model and evaluation of an earlier run in {model_dir} ==")
+        return {**{k: record[k] for k in ("metrics", "plots", "timings")}, "reused": run.name}
+    summary = trained_summary(model_dir, recipe_dict) if current else None
+    if summary is not None:
+        log(f"== {run.name}: reusing the model an earlier run trained in {model_dir} ==")
+        timings = {f"{run.name} train": float(summary["seconds"])}
+        reused = f"{run.name} (training)"
+    else:
+        clear_for_training(model_dir, recipe_dict, parent_dir)
+        t0 = time.time()
+        log(f"== {run.name}: training ==")
+        run_stage(recipe, log=log)
+        (model_dir / PENDING).unlink(missing_ok=True)
+        timings = {f"{run.name} train": time.time() - t0}
+        reused = None
+    t0 = time.time()
+    log(f"== {run.name}: evaluating ==")
+    metrics, plots = evaluate(run, model_dir, out_dir)
+    timings[f"{run.name} eval"] = time.time() - t0
+    save_record(model_dir, {"key": key, "metrics": metrics, "plots": plots, "timings": timings})
+    return {"metrics": metrics, "plots": plots, "timings": timings, "reused": reused}
 
 
 def run_quickstart(
@@ -290,8 +383,6 @@ def run_quickstart(
 ) -> Path:
     """Runs the pipeline and returns the report path."""
     from eve_vlm.eval.report import write_report
-    from eve_vlm.train.recipe import load_recipe
-    from eve_vlm.train.stages import run_stage
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,52 +396,17 @@ def run_quickstart(
     metrics: dict[str, dict] = {}
     plots: dict[str, list[str]] = {}
     settings = {"vqa": vqa_limit, "mc": mc_limit, "text_chars": text_chars, "routing": routing_limit}
-    retrained: set[str] = set()
     reused: list[str] = []
     for run in plan_runs(out_dir, smoke, with_baseline, ablation):
-        model_dir = run.model_dir(out_dir)
-        recipe = load_recipe(recipes_dir() / f"stage{run.stage}.yaml", list(run.overrides))
-        recipe_dict = json.loads(json.dumps(asdict(recipe)))
-        evals = {"vqa": run.vqa, "language": run.language, "routing": run.routing}
-        key = {
-            "recipe": recipe_dict,
-            "eval": {**settings, **evals, "vqa_batch": VQA_BATCH, "vqa_bf16": VQA_BF16},
-        }
-        fresh_inputs = run.depends_on in retrained
-        record = None if fresh_inputs else load_record(model_dir, key)
-        if record is not None:
-            log(f"== {run.name}: reusing the model and evaluation of an earlier run in {model_dir} ==")
-            metrics[run.name], plots[run.name] = record["metrics"], record["plots"]
-            timings.update(record["timings"])
-            reused.append(run.name)
-            continue
-        summary = None if fresh_inputs else trained_summary(model_dir, recipe_dict)
-        if summary is not None:
-            log(f"== {run.name}: reusing the model an earlier run trained in {model_dir} ==")
-            stage_timings = {f"{run.name} train": float(summary["seconds"])}
-            reused.append(f"{run.name} (training)")
-        else:
-            retrained.add(run.name)
-            t0 = time.time()
-            log(f"== {run.name}: training ==")
-            run_stage(recipe, log=log)
-            stage_timings = {f"{run.name} train": time.time() - t0}
-        t0 = time.time()
-        log(f"== {run.name}: evaluating ==")
-        metrics[run.name], plots[run.name] = evaluate(run, model_dir, out_dir)
-        stage_timings[f"{run.name} eval"] = time.time() - t0
-        timings.update(stage_timings)
-        record = {
-            "key": key,
-            "metrics": metrics[run.name],
-            "plots": plots[run.name],
-            "timings": stage_timings,
-        }
-        save_record(model_dir, record)
+        outcome = train_or_reuse(run, out_dir, settings, evaluate, log)
+        metrics[run.name], plots[run.name] = outcome["metrics"], outcome["plots"]
+        timings.update(outcome["timings"])
+        if outcome["reused"]:
+            reused.append(outcome["reused"])
     extra = sum(v for k, v in timings.items() if k.startswith("ablation-"))
     timings["total"] = sum(timings.values()) - extra
     if extra:
-        timings["ablation total (beyond stage 3)"] = extra
+        timings["ablation (not in total)"] = extra
     pairs = comparisons(metrics)
     main = {n: m for n, m in metrics.items() if not n.startswith("ablation-")}
     report = write_report(main, out_dir, plots)
@@ -379,7 +435,11 @@ def comparison_section(pairs: list[dict]) -> str:
         "## Paired differences in VQA accuracy",
         "",
         "Accuracy of *model* minus *against* on the same questions, in points, with the standard error of the "
-        "mean per-question difference; |difference| > 2 SE is marked as outside the noise.",
+        "mean per-question difference; |difference| > 2 SE is marked as outside the noise of sampling "
+        "questions (each model is one training run, so the noise between training seeds is not in it). "
+        "`control` is stage 2 continued from its result for as many steps as stage 3 trains, with the same "
+        "data and seed (its own learning rate; projector and LoRA train). Each ablation run is compared "
+        "with the `img_gbpr` one (same capacity and steps).",
         "",
         "| model | against | questions | difference | SE | outside 2 SE |",
         "|---|---|---:|---:|---:|---|",
@@ -453,7 +513,7 @@ def ablation_section(metrics: dict[str, dict], timings: dict[str, float], out_di
             f"{r['text_drop']:.3f} | {r['train_seconds'] / 60:.1f} |"
         )
     wall = sum(timings.get(f"{r['model']} {part}", 0.0) for r in rows for part in ("train", "eval"))
-    lines += ["", f"Wall time of the five trainings and evaluations: {wall / 60:.1f} minutes.", ""]
+    lines += ["", f"Wall time of the {len(rows)} trainings and evaluations: {wall / 60:.1f} minutes.", ""]
     plot = plot_ablation(rows, out_dir / "ablation.png")
     lines += [f"![ablation]({plot.name})", ""]
     return "\n".join(lines)
@@ -461,11 +521,9 @@ def ablation_section(metrics: dict[str, dict], timings: dict[str, float], out_di
 
 def plot_ablation(rows: list[dict], path: Path) -> Path:
     """VQA accuracy (± SE) and the share of image and text tokens routed to the vision FFN, per policy."""
-    import matplotlib
+    from eve_vlm.eval.routing import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [r["policy"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.bar(names, [r["accuracy"] for r in rows], yerr=[r["accuracy_stderr"] for r in rows], capsize=4)
@@ -490,7 +548,8 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
 
 
 def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | None = None) -> str:
-    """The wall-time table appended to the report (`total` is the sum of the steps)."""
+    """The wall-time table appended to the report (`total` is the sum of the steps before it except the
+    ablation's, which `ablation (not in total)` sums)."""
     import platform
 
     import torch

@@ -2,6 +2,7 @@
 on SmolLM2 + DINOv2-S + easy-VQA. Needs `eve prepare` (CI runs it); skips with the reason otherwise."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from eve_vlm.assets import require_assets
 from eve_vlm.errors import AssetError
+from eve_vlm.eval.vqa import standard_error
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.quickstart import RECORD, load_record, run_quickstart, save_record
 from eve_vlm.serve.chat import answer, build_prompt, load_image
@@ -47,7 +49,9 @@ def test_quickstart_smoke(assets, tmp_path):
     assert metrics["stage1"]["vqa"] is None  # trained on captions: no VQA evaluation
     assert metrics["baseline"]["language"]["text"]["delta_perplexity"] != 0.0
     assert metrics["stage3"]["routing"]
-    assert metrics["stage3"]["vqa"]["accuracy_stderr"] >= 0.0
+    record = json.loads((tmp_path / "qs" / "stage3" / RECORD).read_text())
+    scores = [p["accuracy"] for p in record["metrics"]["vqa"]["predictions"]]
+    assert metrics["stage3"]["vqa"]["accuracy_stderr"] == pytest.approx(standard_error(scores))
     pairs = {(p["model"], p["against"]): p for p in saved["comparisons"]}
     assert {("stage3", "stage2"), ("stage3", "control"), ("control", "stage2")} <= set(pairs)
     s3, s2 = metrics["stage3"]["vqa"], metrics["stage2"]["vqa"]
@@ -159,3 +163,76 @@ def test_ablation_rows_follow_the_policy_order_and_plot(tmp_path):
     assert rows[0]["entropy"] == 0.4 and rows[0]["image_to_vision"] == 0.5 and rows[0]["train_seconds"] == 120
     assert rows[1]["accuracy"] == 75.0 and rows[1]["accuracy_stderr"] == 25.0
     assert plot_ablation(rows, tmp_path / "a.png").stat().st_size > 1024
+
+
+class FakeStages:
+    """Stands in for `run_stage` and the evaluator: records what is trained and evaluated, writes the finished
+    marker as `run_stage` does, and leaves a checkpoint (optionally failing after it, like a killed run)."""
+
+    def __init__(self):
+        self.trained, self.evaluated, self.found_checkpoints, self.fail = [], [], {}, None
+
+    def run_stage(self, recipe, log=print):
+        from dataclasses import asdict
+
+        out = Path(recipe.training.output_dir)
+        self.trained.append(out.name)
+        self.found_checkpoints[out.name] = sorted(p.name for p in out.glob("checkpoint-*"))
+        (out / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+        if self.fail == out.name:
+            raise RuntimeError("killed")
+        (out / DONE_MARKER).write_text(json.dumps({"recipe": asdict(recipe), "seconds": 1.0}))
+
+    def evaluator(self, *args, **kwargs):
+        def evaluate(run, model_dir, out):
+            self.evaluated.append(run.name)
+            hits = [1.0, 0.0, 1.0, 1.0]
+            vqa = {"predictions": [{"id": k, "accuracy": h} for k, h in enumerate(hits)], "accuracy": 75.0}
+            return ({"vqa": {**vqa, "questions": 4, "exact_match": 75.0}} if run.vqa else {}), []
+
+        return evaluate
+
+
+def test_reuse_follows_recipes_parents_and_interruptions(tmp_path, monkeypatch):
+    """A second run reuses everything; new evaluation settings re-evaluate without training; a changed
+    stage-2 recipe retrains stage 2 and everything built on it, never from the old checkpoints; an
+    interrupted training resumes from its own checkpoint."""
+    import shutil
+
+    import eve_vlm.quickstart as qs
+    import eve_vlm.train.stages as stages
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(qs.recipes_dir(), recipes)
+    fake = FakeStages()
+    monkeypatch.setattr(qs, "recipes_dir", lambda: recipes)
+    monkeypatch.setattr(qs, "prepare", lambda log=print: {"paths": {}})
+    monkeypatch.setattr(qs, "Evaluator", fake.evaluator)
+    monkeypatch.setattr(stages, "run_stage", fake.run_stage)
+    out = tmp_path / "qs"
+    quiet = {"log": lambda *a: None}
+
+    run_quickstart(str(out), **quiet)
+    assert fake.trained == ["stage1", "stage2", "control", "stage3"]
+    fake.trained, fake.evaluated = [], []
+    run_quickstart(str(out), **quiet)
+    assert fake.trained == [] and fake.evaluated == []
+    run_quickstart(str(out), vqa_limit=100, **quiet)
+    assert fake.trained == [] and fake.evaluated == ["stage1", "stage2", "control", "stage3"]
+
+    fake.trained = []
+    stage2 = recipes / "stage2.yaml"
+    stage2.write_text(stage2.read_text().replace("learning_rate: 5.0e-4", "learning_rate: 4.0e-4"))
+    run_quickstart(str(out), vqa_limit=100, **quiet)
+    assert fake.trained == ["stage2", "control", "stage3"]  # stage 1 kept; the rest start over
+    assert fake.found_checkpoints["stage2"] == [] and fake.found_checkpoints["stage3"] == []
+
+    fake.trained, fake.fail = [], "control"
+    stage2.write_text(stage2.read_text().replace("learning_rate: 4.0e-4", "learning_rate: 3.0e-4"))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_quickstart(str(out), vqa_limit=100, **quiet)
+    fake.trained, fake.fail = [], None
+    run_quickstart(str(out), vqa_limit=100, **quiet)
+    assert fake.trained == ["control", "stage3"]  # stage 2 finished before the kill
+    assert fake.found_checkpoints["control"] == ["checkpoint-1"]  # resumed, not wiped
+    assert not (out / "control" / qs.PENDING).exists()

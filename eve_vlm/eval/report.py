@@ -4,7 +4,9 @@
 `evaluate_vqa`, `evaluate_language`, `evaluate_routing`, any of them missing) or of several named models
 (`{"base": {...}, "stage1": {...}, ...}`) and renders one row per model in each table, so runs of the
 quickstart stages and baselines compare side by side. `metrics.json` has the fixed layout
-`{"schema": SCHEMA, "models": {name: {"vqa", "language", "routing"}}}` (per-question predictions left out).
+`{"schema": SCHEMA, "models": {name: {"vqa", "language", "routing"}}}` (per-question predictions left out);
+`eve quickstart` adds `comparisons` (paired VQA differences) and, with `--ablation`, `ablation` (one row per
+trained allocation policy) beside them.
 """
 
 from __future__ import annotations

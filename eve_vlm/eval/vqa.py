@@ -175,9 +175,10 @@ def paired_difference(a: list[dict], b: list[dict]) -> dict:
     Raises:
         ValueError: The two prediction lists do not cover the same question ids.
     """
+    ids = [p["id"] for p in a]
+    if len(set(ids)) != len(ids) or sorted(ids) != sorted(p["id"] for p in b):
+        raise ValueError("paired_difference needs predictions for the same, distinct question ids")
     by_id = {p["id"]: p["accuracy"] for p in b}
-    if {p["id"] for p in a} != set(by_id) or len(a) != len(b):
-        raise ValueError("paired_difference needs predictions for the same questions (ids differ)")
     diffs = [p["accuracy"] - by_id[p["id"]] for p in a]
     return {
         "questions": len(diffs),

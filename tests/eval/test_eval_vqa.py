@@ -243,5 +243,8 @@ def test_standard_error_and_paired_difference():
     d = paired_difference(a, b)
     assert d["questions"] == 4 and d["difference"] == pytest.approx(50.0)
     assert d["stderr"] == pytest.approx(standard_error([0.0, 1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match="same questions"):
+    with pytest.raises(ValueError, match="same, distinct question ids"):
         paired_difference(a, b[:3])
+    repeated = [{"id": i, "accuracy": 1.0} for i in (0, 0, 1)]  # same id set and length, mis-paired
+    with pytest.raises(ValueError, match="same, distinct question ids"):
+        paired_difference(repeated, [{"id": i, "accuracy": 0.0} for i in (0, 1, 1)])
