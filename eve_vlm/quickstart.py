@@ -173,12 +173,18 @@ class Evaluator:
     """Evaluates saved models on the quickstart sets, computing the base LLM once."""
 
     def __init__(self, paths: dict, vqa_limit: int, mc_limit: int, text_chars: int, routing_limit: int):
+        from eve_vlm.data.llava import DataSource, load_rows
         from eve_vlm.eval.language import load_mc_items, load_texts
         from eve_vlm.eval.vqa import load_vqa_rows
 
         rows = load_vqa_rows(str(paths["easy_vqa_test"]), None)
         step = max(1, len(rows) // vqa_limit)
         self.vqa_rows = rows[::step][:vqa_limit]  # spread over the whole test split
+        # Routing is measured on conversations shaped as stages 2 and 3 train on (4 turns, an image is ~13% of
+        # the tokens): capacity and drops depend on that share, and a single test question has ~35%.
+        source = DataSource(str(paths["easy_vqa_dialogues"]), None, 1.0)
+        dialogues = load_rows([source], check_images=False).rows
+        self.routing_rows = dialogues[:: max(1, len(dialogues) // routing_limit)][:routing_limit]
         text = "\n".join(load_texts(str(paths["lang_text"])))
         self.texts = [text[: text.rfind("\n", 0, text_chars) if len(text) > text_chars else len(text)]]
         self.mc = load_mc_items(str(paths["lang_mc"]))[:mc_limit]
@@ -205,7 +211,6 @@ class Evaluator:
 
         from eve_vlm.eval.cli import load_model_and_processor
         from eve_vlm.eval.language import evaluate_language
-        from eve_vlm.eval.routing import POLICIES, evaluate_routing, plot_routing
         from eve_vlm.eval.vqa import evaluate_vqa
 
         model, processor = load_model_and_processor(str(model_dir))
@@ -226,18 +231,24 @@ class Evaluator:
                 batch_size=LANGUAGE_BATCH,
             )
         if run.routing and model.evf_layers:
-            own = next(iter(model.evf_layers.values())).allocation
-            metrics["routing"] = evaluate_routing(
-                model,
-                processor,
-                self.vqa_rows,
-                policies=POLICIES if run.routing == "all" else (own,),
-                limit=self.routing_limit,
-                batch_size=8,
-                progress=False,
-            )
-            if run.routing == "all":
-                plots = plot_routing(metrics["routing"], out, prefix=f"{model_dir.name}_")
+            metrics["routing"], plots = self.routing(run, model, processor, model_dir, out)
+        return metrics, plots
+
+    def routing(self, run: Run, model, processor, model_dir: Path, out: Path) -> tuple[dict, list[str]]:
+        """Routing statistics on `routing_rows` in batches of 8 (as in `eve eval routing`): under every
+        allocation policy with plots, or under the model's own policy."""
+        from eve_vlm.eval.routing import POLICIES, evaluate_routing, plot_routing
+
+        own = next(iter(model.evf_layers.values())).allocation
+        metrics = evaluate_routing(
+            model,
+            processor,
+            self.routing_rows,
+            policies=POLICIES if run.routing == "all" else (own,),
+            batch_size=8,
+            progress=False,
+        )
+        plots = plot_routing(metrics, out, prefix=f"{model_dir.name}_") if run.routing == "all" else []
         return metrics, plots
 
 
@@ -395,7 +406,13 @@ def run_quickstart(
     evaluate = Evaluator(paths, vqa_limit, mc_limit, text_chars, routing_limit)
     metrics: dict[str, dict] = {}
     plots: dict[str, list[str]] = {}
-    settings = {"vqa": vqa_limit, "mc": mc_limit, "text_chars": text_chars, "routing": routing_limit}
+    settings = {
+        "vqa": vqa_limit,
+        "mc": mc_limit,
+        "text_chars": text_chars,
+        "routing": routing_limit,
+        "routing_rows": "train_dialogues",
+    }
     reused: list[str] = []
     for run in plan_runs(out_dir, smoke, with_baseline, ablation):
         outcome = train_or_reuse(run, out_dir, settings, evaluate, log)
@@ -498,8 +515,8 @@ def ablation_section(metrics: dict[str, dict], timings: dict[str, float], out_di
         "",
         f"Stage 3 trained once per token-allocation policy from the same stage 2, at capacity factor "
         f"{ABLATION_CAPACITY} for {ABLATION_STEP_FRACTION:.0%} of stage 3's steps, with its recipe otherwise. "
-        "VQA on the same questions (± standard error); routing under the model's own policy at the "
-        "training capacity, mean over EVF layers (entropy in nats; *drop* = share of tokens not processed by "
+        "VQA on the same questions (± standard error); routing on training conversations (batches of 8) "
+        "under the model's own policy at the training capacity, mean over EVF layers (entropy in nats; *drop* = share of tokens not processed by "
         "the expert they chose).",
         "",
         "| policy | easy-VQA | ± SE | entropy | image to vision | text to vision | image drop | text drop | "
