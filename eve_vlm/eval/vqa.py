@@ -5,9 +5,10 @@ tokenizer's own chat template plus its generation prompt, `<image>` expanded by 
 with the reference answer(s) after VQAv2's answer normalisation:
 
 - `exact_match`: the normalised prediction equals the most common normalised reference (ties: the first);
-- `accuracy`: with one reference, exact match; with several, VQA soft accuracy
-  `min(1, #references equal to the prediction / 3)` (the VQAv2 formula, without its averaging over the
-  10-choose-9 annotator subsets);
+- `accuracy`: with one reference, exact match; with the 10 annotators' answers of VQAv2/TextVQA, the official
+  soft accuracy: `min(1, matches among the other 9 / 3)` averaged over the 10 leave-one-out subsets (0.3, 0.6,
+  0.9 and 1.0 for 1, 2, 3 and 4+ matching annotators); with another number of references,
+  `min(1, matches / 3)`;
 - both overall and per question type (`question_type` or `type` field of a row), and per modality.
 
 Normalisation follows the official VQAv2 evaluation (`vqaEval.py`, GT-Vision-Lab/VQA): lower case, punctuation
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 SOFT_MATCHES = 3  # VQAv2: an answer given by 3 of the annotators counts fully
+ANNOTATORS = 10  # VQAv2 and TextVQA: 10 answers per question, scored over their 10 leave-one-out subsets
 NUMBER_WORDS = {
     "none": "0",
     "zero": "0",
@@ -96,7 +98,7 @@ CONTRACTIONS = {
 }
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ","]
 PUNCTUATION += ["?", "!", ":", "*", "#", "%", "&", "$", "^", "~", "|"]
-_PERIOD_STRIP = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+_PERIOD_STRIP = re.compile(r"\.(?!\d)")  # every period not followed by a digit (vqaEval.py periodStrip)
 _COMMA_IN_NUMBER = re.compile(r"(\d),(\d)")
 
 
@@ -156,7 +158,13 @@ def answer_accuracy(prediction: str, answers: list[str]) -> tuple[float, float]:
     exact = float(pred == majority)
     if len(refs) == 1:
         return exact, exact
-    return min(1.0, sum(r == pred for r in refs) / SOFT_MATCHES), exact
+    matches = sum(r == pred for r in refs)
+    if len(refs) != ANNOTATORS:
+        return min(1.0, matches / SOFT_MATCHES), exact
+    # Leaving out a matching annotator (`matches` subsets) leaves matches - 1; any other leaves `matches`.
+    left_out = matches * min(1.0, (matches - 1) / SOFT_MATCHES)
+    kept = (ANNOTATORS - matches) * min(1.0, matches / SOFT_MATCHES)
+    return (left_out + kept) / ANNOTATORS, exact
 
 
 def standard_error(values: list[float]) -> float:

@@ -117,6 +117,8 @@ def run_cli(argv):
         ("1,000", "1000"),
         ("2.5", "2.5"),
         ("yes.", "yes"),
+        ("2.", "2"),  # the period after a digit goes too (vqaEval.py periodStrip)
+        ("3. ", "3"),
         ("dont", "don't"),
         ("don't", "don't"),
         ("black-and-white", "black and white"),
@@ -134,6 +136,16 @@ def test_answer_accuracy_exact_and_soft():
     assert answer_accuracy("two", refs) == (pytest.approx(2 / 3), 0.0)
     assert answer_accuracy("Three", refs) == (1.0, 1.0)
     assert answer_accuracy("4", refs) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
+def test_ten_annotator_soft_accuracy_averages_the_leave_one_out_subsets(matches, expected):
+    """VQAv2/TextVQA: each of the 10 subsets of 9 annotators scores min(1, matches / 3); the mean is 0.9 for
+    three matching annotators, not 1.0."""
+    refs = ["cat"] * matches + ["dog"] * (10 - matches)
+    assert answer_accuracy("cat", refs)[0] == pytest.approx(expected)
 
 
 def test_score_predictions_on_given_predictions():
