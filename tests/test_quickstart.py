@@ -101,7 +101,7 @@ def test_a_stage_record_is_reused_only_for_the_same_recipe_and_a_finished_model(
 def test_wall_time_section_names_the_machine_versions_and_every_step():
     import transformers
 
-    from eve_vlm.quickstart import timing_section
+    from eve_vlm.quickstart_report import timing_section
 
     text = timing_section({"stage1 train": 90.0, "total": 150.0}, smoke=True, reused=["stage1"])
     assert f"torch {torch.__version__} ({torch.get_num_threads()} threads)" in text
@@ -116,7 +116,7 @@ def fake_vqa(hits: list[int]) -> dict:
 
 
 def test_comparisons_are_paired_on_the_same_questions_and_marked_against_their_noise():
-    from eve_vlm.quickstart import comparison_section, comparisons
+    from eve_vlm.quickstart_report import comparison_section, comparisons
 
     metrics = {
         "stage2": {"vqa": fake_vqa([0, 1] * 50)},
@@ -140,7 +140,7 @@ def test_comparisons_are_paired_on_the_same_questions_and_marked_against_their_n
 
 
 def test_ablation_rows_follow_the_policy_order_and_plot(tmp_path):
-    from eve_vlm.quickstart import ablation_rows, plot_ablation
+    from eve_vlm.quickstart_report import ablation_rows, plot_ablation
 
     def run(policy, to_vision):
         layer = {
