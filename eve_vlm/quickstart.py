@@ -150,7 +150,7 @@ def plan_runs(out: Path, smoke: bool, with_baseline: bool, ablation: bool) -> li
         Run("stage1", 1, tuple(stage_overrides(1, out, smoke)), None, vqa=False),
         Run("stage2", 2, tuple(stage_overrides(2, out, smoke)), "stage1"),
         Run("control", 2, tuple(control_overrides(out, smoke, stage3)), "stage2"),
-        Run("stage3", 3, tuple(stage_overrides(3, out, smoke)), "stage2", routing="all"),
+        Run("stage3", 3, tuple(stage_overrides(3, out, smoke)), "stage2", routing="own"),
     ]
     if with_baseline:
         runs.append(Run("baseline", 2, tuple(baseline_overrides(out, smoke)), "stage1"))

@@ -322,9 +322,10 @@ def _stop_token_ids(tokenizer) -> list[int]:
 
 
 def modality_batches(rows: list, batch_size: int) -> Iterable[list]:
-    """Consecutive batches of at most `batch_size` rows, image rows first, never mixing modalities."""
+    """Batches of at most `batch_size` rows, image rows first, never mixing modalities; within a modality the
+    rows are taken in order of question length (stable), so a left-padded batch holds little padding."""
     for flag in (True, False):
-        group = [r for r in rows if (r.image is not None) == flag]
+        group = sorted((r for r in rows if (r.image is not None) == flag), key=lambda r: len(r.question))
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
 

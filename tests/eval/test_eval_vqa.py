@@ -18,6 +18,7 @@ from eve_vlm.eval.vqa import (
     answer_accuracy,
     evaluate_vqa,
     load_vqa_rows,
+    modality_batches,
     normalize_answer,
     paired_difference,
     score_predictions,
@@ -226,6 +227,15 @@ def test_batched_generation_matches_one_by_one_and_never_mixes_modalities(tmp_pa
     assert {p["id"]: p["prediction"] for p in batched["predictions"]} == by_id
     assert processor.tokenizer.padding_side == "right"  # restored
     assert batched["questions"] == 5 and set(batched["by_type"]) == {"colour", "count", "untyped", "yes/no"}
+
+
+def test_modality_batches_group_questions_of_similar_length():
+    rows = [
+        argparse.Namespace(question="q" * n, image=image)
+        for n, image in ((9, "a.png"), (2, None), (1, "b.png"), (8, "c.png"), (2, "d.png"), (1, None))
+    ]
+    batches = [[(len(r.question), r.image is not None) for r in b] for b in modality_batches(rows, 2)]
+    assert batches == [[(1, True), (2, True)], [(8, True), (9, True)], [(1, False), (2, False)]]
 
 
 def test_eve_eval_vqa_cli(tmp_path):
