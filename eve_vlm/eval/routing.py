@@ -1,7 +1,8 @@
 """Routing analysis of the EVF layers under every token-allocation policy (the Eve paper's Fig. 3).
 
 What is measured: image rows are batched as in training (the whole conversation rendered with the chat
-template, teacher-forced, right padded by `EveCollator`; padding positions are routed like in training), and
+template, teacher-forced, right padded by `EveCollator`; padding takes the language FFN and is never routed or
+counted, as in training), and
 the model is run once per allocation policy (`rts, position, bpr, gbpr, img_gbpr, modality`) with every EVF
 switched to it (`ElasticVisionFFN.set_allocation`). For each EVF layer, summed over the batches:
 
@@ -193,7 +194,7 @@ def evaluate_routing(
     Returns:
         `{"policy" (the model's own), "capacity", "capacity_factor", "rows", "tokens": {"image", "text",
         "padding"}, "layers": [...], "num_experts", "policies": {policy: {layer (str): summarize_counts(...)}}}`.
-        The routed text counts include the padding positions, which are routed as in training.
+        Padding positions are not routed and not in the counts (`tokens["padding"]` says how many there were).
 
     Raises:
         ConfigError: the model has no EVF layer, or an unknown policy or capacity.

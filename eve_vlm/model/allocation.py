@@ -4,7 +4,8 @@ After the router has chosen experts (`assign_experts`), every expert serves at m
 assignments of the micro-batch (`expert_capacity`); the others are dropped from the expert branch and only the
 residual stream carries them. A policy is a pure function
 
-    policy(router_probs [S, E], expert_idx [S, K], image_mask [S], capacity, *, seq_len, generator) -> keep [S, K]
+    policy(router_probs [S, E], expert_idx [S, K], image_mask [S], capacity, *, sequence_ids [S], generator)
+        -> keep [S, K]
 
 that computes a priority key (lower = served first) and calls one shared helper, `_keep_within_capacity`,
 which keeps for each expert the `capacity` assignments with the smallest key. As in GShard, every first
@@ -12,8 +13,9 @@ choice (k=0) outranks every second choice (k=1), and so on; remaining ties go to
 The helper is a few stable sorts plus a cumulative count: O(S log S), no loop over tokens and no [S, E, C]
 one-hot.
 
-Shape letters: S tokens of the micro-batch (B sequences of `seq_len` tokens, flattened; sequence id =
-index // seq_len), E experts (expert 0 = language FFN), K experts chosen per token (top_k).
+Shape letters: S routed tokens of the micro-batch (its sequences flattened, padding left out;
+`sequence_ids` [S] names each token's sequence), E experts (expert 0 = language FFN), K experts chosen per
+token (top_k).
 
 Policies:
     - `rts`: random token selection, uniform random priority (DeepSpeed `moe/sharded_moe.py` top1gating,
@@ -65,7 +67,8 @@ def assign_experts(
     """Choose the experts of every token.
 
     Top-k of the router probabilities, except for `modality`: image tokens go to the most probable vision
-    expert (1..E-1) and text tokens to the language expert 0.
+    expert (1..E-1) and text tokens to the language expert 0, each with weight 1 (hard routing, whatever the
+    combine mode).
 
     Args:
         router_probs: [S, E] fp32 router softmax probabilities.
@@ -75,7 +78,7 @@ def assign_experts(
 
     Returns:
         expert_idx [S, K] long (column 0 = first choice) and weights [S, K] fp32, the router probabilities of
-        those experts.
+        those experts (ones for `modality`).
 
     Raises:
         ConfigError: `modality` with top_k != 1.
@@ -85,7 +88,7 @@ def assign_experts(
             raise ConfigError(f"top_k={top_k} is not allowed with allocation='modality'; it needs top_k=1.")
         vision_idx = router_probs[:, 1:].argmax(dim=-1) + 1
         expert_idx = torch.where(image_mask, vision_idx, torch.zeros_like(vision_idx))[:, None]
-        return expert_idx, router_probs.gather(1, expert_idx)
+        return expert_idx, torch.ones_like(expert_idx, dtype=router_probs.dtype)  # hard routing: weight 1
     weights, expert_idx = router_probs.topk(top_k, dim=-1)
     return expert_idx, weights
 
@@ -127,20 +130,20 @@ def _confidence(router_probs: Tensor, expert_idx: Tensor) -> Tensor:
     return router_probs.gather(1, expert_idx)
 
 
-def _rts(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _rts(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     device = generator.device if generator is not None else expert_idx.device
     priority = torch.rand(expert_idx.shape, generator=generator, device=device).to(expert_idx.device)
     return _keep_within_capacity(expert_idx, capacity, priority)
 
 
-def _position(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _position(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     return _keep_within_capacity(expert_idx, capacity)  # ties are broken by token index
 
 
-def _bpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _bpr(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     num_tokens, top_k = expert_idx.shape
     num_experts = router_probs.shape[-1]
-    seq = (torch.arange(num_tokens, device=expert_idx.device) // seq_len)[:, None]
+    seq = sequence_ids.to(expert_idx.device)[:, None]
     choice = torch.arange(top_k, device=expert_idx.device)
     group = (seq * num_experts + expert_idx) * top_k + choice
     neg_conf = -_confidence(router_probs, expert_idx)
@@ -148,16 +151,16 @@ def _bpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=N
     return _keep_within_capacity(expert_idx, capacity, rank_in_seq)  # equal ranks: earlier sequence first
 
 
-def _gbpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _gbpr(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     return _keep_within_capacity(expert_idx, capacity, -_confidence(router_probs, expert_idx))
 
 
-def _img_gbpr(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _img_gbpr(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     is_text = (~image_mask)[:, None].expand_as(expert_idx).to(torch.uint8)
     return _keep_within_capacity(expert_idx, capacity, is_text, -_confidence(router_probs, expert_idx))
 
 
-def _modality(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator=None):
+def _modality(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator=None):
     return torch.ones_like(expert_idx, dtype=torch.bool)
 
 
@@ -169,7 +172,7 @@ ALLOCATION_POLICIES: dict[str, Callable[..., Tensor]] = {
     "img_gbpr": _img_gbpr,
     "modality": _modality,
 }
-"""Policy name -> `policy(router_probs, expert_idx, image_mask, capacity, *, seq_len, generator) -> keep`."""
+"""Policy name -> `policy(router_probs, expert_idx, image_mask, capacity, *, sequence_ids, generator) -> keep`."""
 
 
 def get_policy(name: str) -> Callable[..., Tensor]:

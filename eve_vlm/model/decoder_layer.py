@@ -9,7 +9,8 @@ arguments that transformers' decoder passes down untouched through `**kwargs`:
 - `image_mask` (B, T) bool: which positions hold image tokens (design decision 3), and `has_image` (B,) bool:
   which sequences hold an image anywhere, the KV cache included. Because they are forward arguments, gradient
   checkpointing replays them on recompute, and during KV-cache decoding `image_mask` covers only the new (text)
-  tokens while `has_image` keeps image requests on the routed path.
+  tokens while `has_image` keeps image requests on the routed path; `token_mask` (B, T) bool, False at padding
+  (from the 2-D `attention_mask`): padding takes the language FFN and is never routed.
 - `routing_recorder`: a `RoutingRecorder` the top model creates per forward to collect each EVF layer's aux
   loss and routing statistics, so the decoder loop keeps returning a plain tensor.
 
@@ -76,6 +77,7 @@ class EveDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         image_mask: torch.Tensor | None = None,  # (B, T) bool
         has_image: torch.Tensor | None = None,  # (B,) bool
+        token_mask: torch.Tensor | None = None,  # (B, T) bool, False at padding
         routing_recorder: RoutingRecorder | None = None,
         **kwargs,  # the KV cache (`past_key_values`, or `cache` from transformers 5.24), `use_cache`, ...
     ) -> torch.Tensor:
@@ -94,7 +96,7 @@ class EveDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if image_mask is None:
             image_mask = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-        out = self.mlp(hidden_states, image_mask, has_image)
+        out = self.mlp(hidden_states, image_mask, has_image, token_mask)
         if routing_recorder is not None:
             routing_recorder.record(self.layer_idx, out)
         return residual + out.hidden_states

@@ -42,7 +42,8 @@ ROUTER_INIT_STD = 0.02
 
 @dataclass
 class RoutingStats:
-    """Routing statistics of one EVF forward (detached tensors on the input's device).
+    """Routing statistics of one EVF forward (detached tensors on the input's device); padding positions are
+    not counted.
 
     Attributes:
         routed_image: [E] long, image-token assignments per chosen expert (before capacity).
@@ -225,7 +226,11 @@ class ElasticVisionFFN(nn.Module):
             self.coefficient.reset_parameters()
 
     def forward(
-        self, hidden_states: Tensor, image_mask: Tensor, has_image: Tensor | None = None
+        self,
+        hidden_states: Tensor,
+        image_mask: Tensor,
+        has_image: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> EVFOutput:
         """Route, allocate, dispatch and combine.
 
@@ -236,6 +241,9 @@ class ElasticVisionFFN(nn.Module):
                 `image_mask.any(dim=1)`. Sequences without one take the language FFN with weight 1, so a
                 text-only request gives the base LLM's output even inside a batch with images; during KV-cache
                 decoding the model passes True for image requests, whose new tokens are text but routed.
+            token_mask: [B, T] bool, False at padding positions (default: no padding). Padding takes the
+                language FFN with weight 1 and is left out of routing, capacity, the balance and modality
+                losses and the statistics, so a row's output does not depend on how much padding its batch has.
 
         Returns:
             `EVFOutput`; for sequences without an image, `language_ffn(hidden_states)` exactly.
@@ -243,44 +251,64 @@ class ElasticVisionFFN(nn.Module):
         if has_image is None:
             has_image = image_mask.any(dim=1)
         if not bool(has_image.any()):
-            return self._language_only(hidden_states)
+            return self._language_only(hidden_states, token_mask)
         if bool(has_image.all()):
-            return self._routed(hidden_states, image_mask)
-        routed = self._routed(hidden_states[has_image], image_mask[has_image])
-        text = self._language_only(hidden_states[~has_image])
+            return self._routed(hidden_states, image_mask, token_mask)
+        rows, other = (None, None) if token_mask is None else (token_mask[has_image], token_mask[~has_image])
+        routed = self._routed(hidden_states[has_image], image_mask[has_image], rows)
+        text = self._language_only(hidden_states[~has_image], other)
         out = torch.empty_like(hidden_states, dtype=routed.hidden_states.dtype)
         out[has_image] = routed.hidden_states
         out[~has_image] = text.hidden_states.to(out.dtype)
         stats = routed.stats.plus_language_only(text.stats)
         return EVFOutput(out, routed.aux_loss, stats, routed.router_loss)
 
-    def _routed(self, hidden_states: Tensor, image_mask: Tensor) -> EVFOutput:
+    def _routed(self, hidden_states: Tensor, image_mask: Tensor, token_mask: Tensor | None) -> EVFOutput:
         batch, seq_len, dim = hidden_states.shape
         x = hidden_states.reshape(batch * seq_len, dim)  # (S, D)
         mask = image_mask.reshape(-1).to(torch.bool)  # (S,)
+        sequence_ids = torch.arange(batch, device=x.device).repeat_interleave(seq_len)  # (S,)
+        valid = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
+        if valid is None or bool(valid.all()):
+            out, aux, stats, router_loss = self._route_tokens(x, mask, sequence_ids)
+            return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
+        real = valid.nonzero().squeeze(1)  # (N,) routed positions
+        pad = (~valid).nonzero().squeeze(1)
+        routed, aux, stats, router_loss = self._route_tokens(x[real], mask[real], sequence_ids[real])
+        out = torch.empty_like(x, dtype=routed.dtype)
+        out[real] = routed
+        out[pad] = self.language_ffn(x[pad].unsqueeze(0)).squeeze(0).to(out.dtype)
+        return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
+
+    def _route_tokens(
+        self, x: Tensor, mask: Tensor, sequence_ids: Tensor
+    ) -> tuple[Tensor, Tensor, RoutingStats, Tensor | None]:
+        """Routes the S tokens `x` [S, D] (image mask and sequence of each [S]): `(out [S, D], aux loss,
+        statistics, modality loss or None)`."""
         logits = F.linear(x.float(), self.router.weight.float())  # (S, E) fp32
         probs = logits.softmax(dim=-1)
         expert_idx, weights = assign_experts(probs, mask, top_k=self.top_k, allocation=self.allocation)
         capacity = self._capacity(expert_idx.numel())
-        keep = self._policy(probs, expert_idx, mask, capacity, seq_len=seq_len, generator=self._generator)
+        keep = self._policy(
+            probs, expert_idx, mask, capacity, sequence_ids=sequence_ids, generator=self._generator
+        )
         out = self._dispatch(x, expert_idx, keep, self._combine_weights(weights))
         if self.coefficient is not None:
             coef = self.coefficient(x).softmax(dim=-1)  # (S, 2)
-            dense = self.language_ffn(hidden_states).reshape(batch * seq_len, dim)
+            dense = self.language_ffn(x.unsqueeze(0)).squeeze(0)
             out = out * coef[:, :1] + dense * coef[:, 1:]
         stats = _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs)
         router_loss = None
         if self.modality_loss_coef > 0 and self.training:
             router_loss = self.modality_loss_coef * modality_routing_loss(logits, mask)
-        aux = self._balance_loss(probs, expert_idx)
-        return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
+        return out, self._balance_loss(probs, expert_idx), stats, router_loss
 
-    def _language_only(self, hidden_states: Tensor) -> EVFOutput:
+    def _language_only(self, hidden_states: Tensor, token_mask: Tensor | None = None) -> EVFOutput:
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
         device = hidden_states.device
         zeros = torch.zeros(self.num_experts, dtype=torch.long, device=device)
         text = zeros.clone()
-        text[0] = num_tokens
+        text[0] = num_tokens if token_mask is None else token_mask.sum()  # padding is not counted
         stats = RoutingStats(
             zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device)
         )

@@ -241,7 +241,13 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         recorder = None
         if self.config.evf is not None:
             recorder = RoutingRecorder()
-            kwargs.update(image_mask=image_mask, has_image=has_image, routing_recorder=recorder)
+            # Padding (attention_mask 0 at the new positions) takes the language FFN and is never routed.
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -inputs_embeds.shape[1] :].to(torch.bool)
+            kwargs.update(
+                image_mask=image_mask, has_image=has_image, token_mask=token_mask, routing_recorder=recorder
+            )
         with self._text_path_context(bool(has_image.any())):
             out = self.language_model(
                 inputs_embeds=inputs_embeds,

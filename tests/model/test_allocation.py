@@ -11,6 +11,11 @@ from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert
 CAPACITY_POLICIES = ["rts", "position", "bpr", "gbpr", "img_gbpr"]
 
 
+def _seq(probs, seq_len):
+    """The sequence of each flattened token: sequences of `seq_len` tokens."""
+    return torch.arange(probs.shape[0]) // seq_len
+
+
 def _random_case(gen, *, num_experts, top_k, num_seqs, seq_len, image_share, ties=False):
     num_tokens = num_seqs * seq_len
     logits = torch.randn(num_tokens, num_experts, generator=gen) * 2
@@ -76,7 +81,7 @@ def test_policy_matches_reference(policy):
             expert_idx,
             image_mask,
             capacity,
-            seq_len=seq_len,
+            sequence_ids=_seq(probs, seq_len),
             generator=torch.Generator().manual_seed(seed),
         )
         rand = torch.rand(expert_idx.shape, generator=torch.Generator().manual_seed(seed))
@@ -91,7 +96,9 @@ def test_capacity_holds_exactly(policy):
         probs, expert_idx, image_mask = _random_case(
             gen, num_experts=num_experts, top_k=top_k, num_seqs=3, seq_len=10, image_share=0.5
         )
-        keep = get_policy(policy)(probs, expert_idx, image_mask, capacity, seq_len=10, generator=gen)
+        keep = get_policy(policy)(
+            probs, expert_idx, image_mask, capacity, sequence_ids=_seq(probs, 10), generator=gen
+        )
         routed = torch.bincount(expert_idx.reshape(-1), minlength=num_experts)
         kept = torch.bincount(expert_idx[keep], minlength=num_experts)
         assert torch.equal(kept, routed.clamp(max=capacity))
@@ -107,7 +114,9 @@ def test_nothing_dropped_with_two_experts_at_eval_capacity(policy):
     probs[:, 0] = 0.0
     expert_idx, _ = assign_experts(probs, image_mask, top_k=1, allocation=policy)
     capacity = expert_capacity(expert_idx.numel(), 2, 2.0, 0)
-    keep = get_policy(policy)(probs, expert_idx, image_mask, capacity, seq_len=9, generator=gen)
+    keep = get_policy(policy)(
+        probs, expert_idx, image_mask, capacity, sequence_ids=_seq(probs, 9), generator=gen
+    )
     assert keep.all()
 
 
@@ -119,7 +128,9 @@ def test_img_gbpr_serves_image_tokens_before_text_tokens():
             gen, num_experts=2 + trial % 3, top_k=top_k, num_seqs=2, seq_len=16, image_share=0.4
         )
         capacity = int(torch.randint(0, 20, (1,), generator=gen))
-        keep = get_policy("img_gbpr")(probs, expert_idx, image_mask, capacity, seq_len=16, generator=None)
+        keep = get_policy("img_gbpr")(
+            probs, expert_idx, image_mask, capacity, sequence_ids=_seq(probs, 16), generator=None
+        )
         for k in range(top_k):  # within one choice level (first choices always outrank second choices)
             for e in range(probs.shape[1]):
                 to_e = expert_idx[:, k] == e
@@ -135,7 +146,7 @@ def test_first_choices_outrank_second_choices():
     mask = torch.ones(2, dtype=torch.bool)
     expert_idx, _ = assign_experts(probs, mask, top_k=2, allocation="gbpr")
     assert expert_idx.tolist() == [[0, 1], [1, 0]]
-    keep = get_policy("gbpr")(probs, expert_idx, mask, 1, seq_len=2, generator=None)
+    keep = get_policy("gbpr")(probs, expert_idx, mask, 1, sequence_ids=_seq(probs, 2), generator=None)
     assert keep.tolist() == [[True, False], [True, False]]
 
 
@@ -146,8 +157,8 @@ def test_bpr_serves_every_sequence_before_any_second_token():
     )
     expert_idx = torch.ones(12, 1, dtype=torch.long)
     mask = torch.ones(12, dtype=torch.bool)
-    keep_bpr = get_policy("bpr")(probs, expert_idx, mask, 3, seq_len=4, generator=None)
-    keep_gbpr = get_policy("gbpr")(probs, expert_idx, mask, 3, seq_len=4, generator=None)
+    keep_bpr = get_policy("bpr")(probs, expert_idx, mask, 3, sequence_ids=_seq(probs, 4), generator=None)
+    keep_gbpr = get_policy("gbpr")(probs, expert_idx, mask, 3, sequence_ids=_seq(probs, 4), generator=None)
     assert keep_bpr[:, 0].nonzero().flatten().tolist() == [0, 4, 8]
     assert keep_gbpr[:, 0].nonzero().flatten().tolist() == [0, 1, 2]
 
@@ -159,7 +170,12 @@ def test_rts_is_reproducible_with_a_seeded_generator():
     )
     runs = [
         get_policy("rts")(
-            probs, expert_idx, mask, 10, seq_len=16, generator=torch.Generator().manual_seed(seed)
+            probs,
+            expert_idx,
+            mask,
+            10,
+            sequence_ids=_seq(probs, 16),
+            generator=torch.Generator().manual_seed(seed),
         )
         for seed in (7, 7, 8)
     ]
@@ -177,8 +193,10 @@ def test_modality_routes_image_to_a_vision_expert_and_text_to_expert_zero():
         assert expert_idx.shape == (40, 1)
         assert (expert_idx[~mask] == 0).all()
         assert torch.equal(expert_idx[mask, 0], probs[mask, 1:].argmax(-1) + 1)
-        assert torch.equal(weights, probs.gather(1, expert_idx))
-        assert get_policy("modality")(probs, expert_idx, mask, 0, seq_len=40, generator=None).all()
+        assert torch.equal(weights, torch.ones_like(weights))  # hard routing: weight 1 (not p0 for text)
+        assert get_policy("modality")(
+            probs, expert_idx, mask, 0, sequence_ids=_seq(probs, 40), generator=None
+        ).all()
 
 
 def test_assign_experts_top_k():

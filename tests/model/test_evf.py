@@ -293,3 +293,53 @@ def test_set_allocation_switches_the_policy():
     assert evf(x, mask).stats.kept_image.sum() + evf(x, mask).stats.kept_text.sum() == 32 > kept
     with pytest.raises(ConfigError, match="'nope' is unknown"):
         evf.set_allocation("nope")
+
+
+@pytest.mark.parametrize("allocation", ["rts", "position", "bpr", "gbpr", "img_gbpr"])
+@pytest.mark.parametrize("options", [{}, {"use_residual": True}, {"num_experts": 3, "top_k": 2}])
+def test_padding_is_not_routed_and_changes_no_row(allocation, options):
+    # Training capacity 1.0, so experts are over capacity and padding, if it competed, would displace tokens.
+    evf = _evf(allocation=allocation, capacity_factor=1.0, modality_loss_coef=0.1, seed=0, **options).train()
+    x, mask = _batch(seed=7, batch=3, seq_len=6)
+    lengths = [6, 4, 5]
+    real = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]  # (3, 6) right padding
+    padded = torch.cat([x, torch.randn(3, 5, HIDDEN)], dim=1)  # 5 more pad positions per row
+    padded[~torch.cat([real, torch.zeros(3, 5, dtype=torch.bool)], dim=1)] = 10 * torch.randn(1, HIDDEN)
+    padded_mask = torch.cat([mask & real, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    token_mask = torch.cat([real, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+
+    # The same rows under two amounts of padding (the extra positions hold large random states): the real
+    # tokens' outputs, the losses and the statistics must not change, and padding gets the language FFN.
+    torch.manual_seed(0)  # `rts` draws from the global RNG
+    a = evf(x, mask & real, token_mask=real)
+    torch.manual_seed(0)
+    b = evf(padded, padded_mask, token_mask=token_mask)
+    assert torch.equal(a.hidden_states[real], b.hidden_states[token_mask])
+    assert torch.equal(a.aux_loss, b.aux_loss) and torch.equal(a.router_loss, b.router_loss)
+    for key in ("routed_image", "routed_text", "kept_image", "kept_text"):
+        assert torch.equal(getattr(a.stats, key), getattr(b.stats, key)), key
+    assert int(a.stats.routed_text.sum() + a.stats.routed_image.sum()) == sum(lengths) * evf.top_k
+    pads = ~token_mask
+    assert torch.equal(b.hidden_states[pads], evf.language_ffn(padded[pads].unsqueeze(0)).squeeze(0))
+
+
+def test_padding_of_a_text_only_row_is_not_counted():
+    evf = _evf().train()
+    x, mask = _batch(seed=8, batch=2, seq_len=6)
+    mask[1] = False
+    token_mask = torch.ones(2, 6, dtype=torch.bool)
+    token_mask[1, 4:] = False
+    out = evf(x, mask, token_mask=token_mask)
+    assert int(out.stats.routed_text.sum() + out.stats.routed_image.sum()) == 10
+    assert torch.equal(out.hidden_states[1], evf.language_ffn(x[1:]).squeeze(0))
+
+
+@pytest.mark.parametrize("combine", ["soft", "straight_through"])
+def test_modality_allocation_gives_weight_one(combine):
+    evf = _evf(allocation="modality", combine=combine).train()
+    x, mask = _batch(seed=9, batch=2, seq_len=6)
+    out = evf(x, mask)
+    text, image = ~mask, mask
+    assert torch.allclose(out.hidden_states[text], evf.language_ffn(x[text].unsqueeze(0)).squeeze(0))
+    vision = evf.vision_ffns[0](x[image].unsqueeze(0)).squeeze(0)
+    assert torch.allclose(out.hidden_states[image], vision)

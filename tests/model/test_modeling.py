@@ -76,6 +76,24 @@ def test_evf_insertion_parity_hard_combine(family, allocation, combine):
         assert torch.equal(model(input_ids=texts).logits, plain(input_ids=texts).logits)
 
 
+def test_right_padding_is_not_routed_and_does_not_change_a_row():
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate", allocation="gbpr", capacity_factor=1.0)
+    model.train()  # the training capacity binds: padding, if routed, would take slots from real tokens
+    ids, pixels = image_batch(model.config)
+    pad = torch.zeros(2, 7, dtype=ids.dtype)
+    padded = torch.cat([ids, pad], dim=1)
+    mask = torch.cat([torch.ones_like(ids), pad], dim=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+        out = model(input_ids=padded, pixel_values=pixels, attention_mask=mask)
+    assert_close(out.logits[:, : ids.shape[1]], plain.logits)
+    for layer, stats in out.routing.items():
+        assert int(stats.routed_image.sum() + stats.routed_text.sum()) == ids.numel(), layer
+        assert torch.equal(stats.kept_text, plain.routing[layer].kept_text)
+    assert_close(out.aux_loss, plain.aux_loss)
+
+
 def test_vision_feature_norm_standardises_each_patch_feature(tmp_path):
     plain = tiny_model()
     normed = tiny_model(vision_feature_norm=True)
