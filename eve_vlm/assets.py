@@ -339,6 +339,26 @@ def digest(path: Path) -> dict:
     return {"sha256": h.hexdigest(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over a model folder's weight files (relative path and sha256 of each `*.safetensors`, `*.bin`,
+    `*.pt`, `*.pth`, `*.gguf`), so configs, tokenizers and READMEs may change without changing it.
+
+    Raises:
+        FileNotFoundError: The folder holds no weight file.
+    """
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{root} holds no weight file ({', '.join(WEIGHT_SUFFIXES)})")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
 def quick_digest(path: Path) -> dict:
     """`{"files", "bytes"}` without hashing, for a cheap check that outputs are whole."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]

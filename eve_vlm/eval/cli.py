@@ -154,7 +154,11 @@ def _vqa_options(p: argparse.ArgumentParser) -> None:
 
 
 def _language_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    p.add_argument("--base", default=None, help="base LLM folder (default: the model's own language model)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base LLM folder (default: the one recorded in the model at stage 1, checked by sha256)",
+    )
     p.add_argument("--text", action="append", help="text file for perplexity (.txt, or .jsonl with 'text')")
     p.add_argument(
         "--mc", action="append", help="multiple-choice JSONL (question, choices, label); repeatable"

@@ -9,16 +9,17 @@ What is measured, for the Eve model and for its base LLM in the same run:
   (`lm_eval/api/model.py` `_encode_pair`, `HFLM._loglikelihood_tokens`): context
   `"Question: {question}\\nAnswer:"`, continuation `" " + choice`; the continuation tokens are those of the
   whole string past the context's tokens; score = summed log-probability of the continuation tokens; the
-  prediction is the argmax. `acc_norm` divides each score by the choice's length in bytes (lm-eval's
+  prediction is the argmax. `acc_norm` divides each score by the choice's length in characters (lm-eval's
   `acc_norm`).
 
 Text-only inputs reach the Eve model as `model(input_ids=..., attention_mask=...)` with no `pixel_values`, so
 the elastic path runs (LoRA off, every EVF on its language FFN); an Eve model's deltas must be exactly 0.
 
-The base is a transformers causal LM (`--base DIR`, loaded with `AutoModelForCausalLM`) or, by default, the
-Eve model's own embedded language model called directly, outside the Eve forward, with its LoRA adapters
-switched off (EVF layers then see no image mask and run expert 0 alone): the base LLM as this checkpoint holds
-it. Both are scored with the Eve model's tokenizer (the base LLM's plus `<image>`, which text never contains).
+The base is a transformers causal LM loaded with `AutoModelForCausalLM`: `--base DIR`, or by default the base
+LLM recorded in the model's config at stage 1 (`EveConfig.base_language_model`: its folder and the sha256 of
+its weights, checked before use). It is never the Eve model's own language model: a model whose text path
+really changed (a full-LLM stage 2) would then be compared with itself. Both are scored with the Eve model's
+tokenizer (the base LLM's plus `<image>`, which text never contains).
 """
 
 from __future__ import annotations
@@ -26,21 +27,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from eve_vlm.errors import ConfigError, DataError
-from eve_vlm.model.lora import adapters_disabled, lora_layers
 
 __all__ = [
-    "EmbeddedBaseLM",
     "MC_PROMPT",
     "encode_choice",
     "evaluate_language",
     "load_mc_items",
+    "load_recorded_base",
     "load_texts",
     "mc_accuracy",
     "mc_loglikelihoods",
@@ -50,25 +50,39 @@ __all__ = [
 
 MC_PROMPT = "Question: {question}\nAnswer:"
 MC_TARGET_DELIMITER = " "
-EMBEDDED_BASE = "the Eve model's own language model (LoRA adapters off, EVF expert 0 only)"
 
 
-class EmbeddedBaseLM(nn.Module):
-    """The language model inside an Eve model, run as the plain base LLM.
+def load_recorded_base(model: nn.Module) -> tuple[nn.Module, str]:
+    """The base LLM recorded in an Eve model's config at stage 1, loaded after checking its weights' sha256.
 
-    Calls `eve_model.language_model` directly (not through the Eve forward) with LoRA adapters switched off;
-    without an image mask every EVF layer runs its language FFN (expert 0) alone.
+    Returns:
+        `(base causal LM in eval mode, its description)`.
+
+    Raises:
+        ConfigError: Nothing is recorded, the folder is gone, or its weights changed since stage 1; the message
+            says to pass the base explicitly (`--base DIR`).
     """
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self, eve_model: nn.Module):
-        super().__init__()
-        self.eve_model = eve_model
+    from eve_vlm.assets import weights_sha256
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        lm = self.eve_model.language_model
-        layers = lora_layers(lm)
-        with adapters_disabled(layers) if layers else nullcontext():
-            return lm(input_ids=input_ids, attention_mask=attention_mask)
+    recorded = getattr(getattr(model, "config", None), "base_language_model", None)
+    if not recorded:
+        raise ConfigError(
+            f"{type(model).__name__} records no base LLM (models built by `eve train` stage 1 do); pass the base "
+            "LLM folder with --base DIR (Python: base=AutoModelForCausalLM.from_pretrained(DIR))."
+        )
+    path = Path(recorded["path"])
+    if not path.is_dir():
+        raise ConfigError(
+            f"The base LLM recorded at stage 1, {path}, does not exist here; pass its folder with --base DIR."
+        )
+    if weights_sha256(path) != recorded["sha256"]:
+        raise ConfigError(
+            f"The weights in {path} changed since stage 1 recorded them (sha256 differs), so it is not the base "
+            "this model was built from; pass the right folder with --base DIR."
+        )
+    return AutoModelForCausalLM.from_pretrained(path).eval(), f"{path} (recorded at stage 1)"
 
 
 def load_texts(path: str | os.PathLike) -> list[str]:
@@ -196,13 +210,25 @@ def _pad_id(tokenizer) -> int:
 
 def encode_choice(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's `_encode_pair`: trailing context spaces move to the continuation, and the continuation
-    tokens are those of the whole string past the context's tokens."""
+    tokens are those of the whole string past the context's tokens. Where the tokenizer merges across the
+    boundary (the whole string does not start with the context's tokens), the continuation is encoded on its
+    own instead, so no context token is scored as part of a choice.
+
+    Raises:
+        ValueError: The continuation encodes to no token (it would score 0, the best possible score).
+    """
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids) :]
+    if whole[: len(context_ids)] == context_ids:
+        continuation_ids = whole[len(context_ids) :]
+    else:
+        continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
+    if not continuation_ids:
+        raise ValueError(f"the choice {continuation!r} encodes to no token after its context")
+    return context_ids, continuation_ids
 
 
 @torch.no_grad()
@@ -214,7 +240,10 @@ def mc_loglikelihoods(
     for k, item in enumerate(items):
         context = MC_PROMPT.format(question=item["question"])
         for choice in item["choices"]:
-            requests.append((k, *encode_choice(tokenizer, context, MC_TARGET_DELIMITER + choice)))
+            try:
+                requests.append((k, *encode_choice(tokenizer, context, MC_TARGET_DELIMITER + choice)))
+            except ValueError as e:
+                raise ValueError(f"multiple-choice item {k} ({item['question'][:60]!r}): {e}") from None
     scores: list[list[float]] = [[] for _ in items]
     for start in tqdm(range(0, len(requests), batch_size), desc="multiple choice", disable=not progress):
         batch = requests[start : start + batch_size]
@@ -225,14 +254,13 @@ def mc_loglikelihoods(
 
 
 def mc_accuracy(items: list[dict], scores: list[list[float]]) -> dict:
-    """`{"acc", "acc_norm", "items"}` (percentages) from per-choice log-likelihoods."""
+    """`{"acc", "acc_norm", "items"}` (percentages) from per-choice log-likelihoods; `acc_norm` divides each
+    log-likelihood by the choice's length in characters, as lm-eval's multiple-choice `acc_norm` does."""
     acc = norm = 0
     for item, s in zip(items, scores, strict=True):
         acc += max(range(len(s)), key=s.__getitem__) == item["label"]
-        per_byte = [
-            v / len((MC_TARGET_DELIMITER + c).encode()) for v, c in zip(s, item["choices"], strict=True)
-        ]
-        norm += max(range(len(s)), key=per_byte.__getitem__) == item["label"]
+        per_char = [v / max(1, len(c)) for v, c in zip(s, item["choices"], strict=True)]
+        norm += max(range(len(s)), key=per_char.__getitem__) == item["label"]
     return {"acc": 100.0 * acc / len(items), "acc_norm": 100.0 * norm / len(items), "items": len(items)}
 
 
@@ -309,7 +337,8 @@ def evaluate_language(
         tokenizer: The tokenizer for both.
         texts: Texts for perplexity, or None.
         mc_items: Multiple-choice items, or several named sets (`{"piqa": [...], ...}`), or None.
-        base: The base causal LM; None = `EmbeddedBaseLM(model)`. Not used when `base_scores` is given.
+        base: The base causal LM; None = the one recorded in the model's config (`load_recorded_base`). Not
+            used when `base_scores` is given.
         chunk_len: Tokens per perplexity chunk.
         batch_size: Sequences per forward.
         base_name: How the base is described in the report (default: what it is).
@@ -323,16 +352,12 @@ def evaluate_language(
         "model_acc_norm", ...}}}`.
 
     Raises:
-        ConfigError: `base` and `base_scores` are None and `model` is not an Eve model (no embedded language
-            model); `base_scores` come from other texts or sets.
+        ConfigError: `base` and `base_scores` are None and the model records no usable base LLM
+            (`load_recorded_base`); `base_scores` come from other texts or sets.
     """
     if base_scores is None and base is None:
-        if not hasattr(model, "language_model"):
-            raise ConfigError(
-                f"{type(model).__name__} has no embedded language model to compare with; pass `base`."
-            )
-        base = EmbeddedBaseLM(model)
-        base_name = base_name or EMBEDDED_BASE
+        base, recorded_name = load_recorded_base(model)
+        base_name = base_name or recorded_name
     kw = dict(chunk_len=chunk_len, batch_size=batch_size, progress=progress)
     ours = score_language(model, tokenizer, texts, mc_items, **kw)
     if base_scores is None:

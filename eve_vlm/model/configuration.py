@@ -134,6 +134,9 @@ class EveConfig(PreTrainedConfig):
         lora: peft `LoraConfig` options once stage 2 has added unmerged LoRA adapters, else None.
         evf: `EvfConfig` options as a dict once stage 3 has inserted EVF layers, else None.
         aux_loss_coef: Weight of the summed balance loss in the training loss.
+        base_language_model: The base LLM the model was built from at stage 1, `{"path", "sha256"}` (the
+            folder and `assets.weights_sha256` of its weights), the reference of `eve eval language`; None
+            for a model built in memory.
     """
 
     model_type = "eve"
@@ -154,6 +157,7 @@ class EveConfig(PreTrainedConfig):
     lora: dict | None = None
     evf: dict | None = None
     aux_loss_coef: float = 0.01
+    base_language_model: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

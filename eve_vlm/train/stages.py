@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from eve_vlm.assets import eve_home
+from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.collator import EveCollator, LlavaDataset
 from eve_vlm.data.conversations import ConversationEncoder
 from eve_vlm.data.llava import DataSource, load_rows
@@ -72,6 +72,8 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
         num_image_tokens=config.num_image_tokens,
     )
     config.image_token_id = processor.image_token_id
+    llm_dir = Path(expand(spec.language_model)).resolve()
+    config.base_language_model = {"path": str(llm_dir), "sha256": weights_sha256(llm_dir)}
     model = EveForConditionalGeneration(config).to(dtype)
     model.language_model.load_state_dict(lm.state_dict())
     model.vision_tower.tower.load_state_dict(tower.state_dict())

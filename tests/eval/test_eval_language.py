@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from test_eval_vqa import model_and_processor, run_cli
 from transformers import AutoModelForCausalLM
 
+from eve_vlm.assets import weights_sha256
+from eve_vlm.cli import main
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.eval.language import (
     MC_PROMPT,
@@ -84,6 +86,40 @@ def test_mc_picks_the_choice_with_the_highest_summed_logprob():
     assert mc_accuracy(MC_ITEMS, scores)["acc"] == expected
 
 
+class MergingTokenizer:
+    """Greedy longest-match over single characters and "ab"; trailing spaces are dropped (so a lone space
+    encodes to nothing)."""
+
+    def encode(self, text, add_special_tokens=True):
+        text, ids, i = text.rstrip(), [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+
+def test_encode_choice_never_scores_context_tokens_and_refuses_empty_continuations():
+    tok = MergingTokenizer()
+    context, continuation = encode_choice(tok, "xa", "bc")  # "xa" + "bc" merges "a" + "b" into "ab"
+    assert context == [ord("x"), ord("a")] and continuation == [ord("b"), ord("c")]
+    assert encode_choice(tok, "xy", "za") == ([ord("x"), ord("y")], [ord("z"), ord("a")])
+    with pytest.raises(ValueError, match="encodes to no token"):
+        encode_choice(tok, "Answer:", " ")
+    items = [{"question": "pick one", "choices": ["red", ""], "label": 0}]
+    with pytest.raises(ValueError, match=r"item 0 \('pick one'\)"):
+        mc_loglikelihoods(torch.nn.Identity(), tok, items)
+
+
+def test_acc_norm_divides_by_the_choice_length_in_characters_as_lm_eval():
+    items = [{"question": "q", "choices": ["ab", "\u00fc"], "label": 0}]
+    # per character: -2/2 = -1.0 beats -1.5/1; per byte of " " + choice it would be -2/3 against -1.5/3.
+    assert mc_accuracy(items, [[-2.0, -1.5]]) == {"acc": 0.0, "acc_norm": 100.0, "items": 1}
+
+
 def test_eve_model_delta_is_exactly_zero_against_its_reloaded_base(tmp_path):
     model, processor = model_and_processor(evf=False)
     model.language_model.save_pretrained(tmp_path / "base")  # the pristine base LLM
@@ -100,13 +136,37 @@ def test_eve_model_delta_is_exactly_zero_against_its_reloaded_base(tmp_path):
     with torch.no_grad():  # the adapters are live: the LM with LoRA on computes something else
         assert not torch.equal(model.language_model(input_ids=ids).logits, base(input_ids=ids).logits)
 
-    for reference in (base, None):  # the reloaded base, and the default (the embedded LM, adapters off)
+    with pytest.raises(ConfigError, match="records no base LLM.*--base"):  # never the model itself
+        evaluate_language(model, processor.tokenizer, TEXTS, MC_ITEMS, chunk_len=9)
+    model.config.base_language_model = {
+        "path": str(tmp_path / "base"),
+        "sha256": weights_sha256(tmp_path / "base"),
+    }
+    for reference in (base, None):  # the reloaded base, and the default (the base recorded in the config)
         result = evaluate_language(model, processor.tokenizer, TEXTS, MC_ITEMS, reference, chunk_len=9)
         text, mc = result["text"], result["mc"]["mc"]
         assert text["delta_perplexity"] == 0.0 and text["delta_nll"] == 0.0
         assert mc["delta_acc"] == 0.0 and mc["delta_acc_norm"] == 0.0
         assert text["model_perplexity"] > 1 and mc["items"] == len(MC_ITEMS)
-    assert "LoRA adapters off" in result["base"]
+    assert "recorded at stage 1" in result["base"]
+
+
+def test_the_recorded_base_is_refused_when_its_weights_changed(tmp_path):
+    model, processor = model_and_processor(evf=False)
+    model.language_model.save_pretrained(tmp_path / "base")
+    model.config.base_language_model = {
+        "path": str(tmp_path / "base"),
+        "sha256": weights_sha256(tmp_path / "base"),
+    }
+    changed = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        changed.get_output_embeddings().weight.mul_(1.5)
+    changed.save_pretrained(tmp_path / "base")  # e.g. the folder was fine-tuned in place since stage 1
+    with pytest.raises(ConfigError, match="changed since stage 1.*--base"):
+        evaluate_language(model, processor.tokenizer, TEXTS, MC_ITEMS, chunk_len=9)
+    model.config.base_language_model = {"path": str(tmp_path / "gone"), "sha256": "0"}
+    with pytest.raises(ConfigError, match="does not exist here"):
+        evaluate_language(model, processor.tokenizer, TEXTS, MC_ITEMS, chunk_len=9)
 
 
 def test_precomputed_base_scores_give_the_same_deltas_and_must_match_the_sets(tmp_path):
@@ -181,7 +241,7 @@ def test_malformed_language_files_name_file_and_line(tmp_path):
         load_mc_items(tmp_path / "broken.jsonl")
 
 
-def test_eve_eval_language_cli(tmp_path):
+def test_eve_eval_language_cli(tmp_path, capsys):
     model, processor = model_and_processor(evf=False)
     model.language_model.save_pretrained(tmp_path / "base")
     model.add_elastic_vision_ffns("alternate")
@@ -198,3 +258,7 @@ def test_eve_eval_language_cli(tmp_path):
     assert result["text"]["delta_perplexity"] == 0.0
     assert result["mc"]["piqa_tiny"]["delta_acc"] == 0.0 and result["mc"]["piqa_tiny"]["items"] == 4
     assert str(tmp_path / "base") in result["base"]
+    # Without --base, a model that records no base LLM is refused (status 2, a message naming --base).
+    argv = ["eval", "language", "--model", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt")]
+    assert main([*argv, "--quiet"]) == 2
+    assert "--base" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from test_eval_vqa import model_and_processor, run_cli, write_eval_set
 
+from eve_vlm.assets import weights_sha256
 from eve_vlm.eval.report import SCHEMA, write_report
 from eve_vlm.eval.vqa import score_predictions
 
@@ -71,6 +72,9 @@ def test_single_model_metrics_are_named_model(tmp_path):
 
 def test_eve_eval_all_cli_writes_report_metrics_and_plots(tmp_path):
     model, processor = model_and_processor(evf=True, lora=True)
+    model_and_processor(evf=False)[0].language_model.save_pretrained(tmp_path / "base")  # same seed: its base
+    base = {"path": str(tmp_path / "base"), "sha256": weights_sha256(tmp_path / "base")}
+    model.config.base_language_model = base  # as stage 1 records it
     model.save_pretrained(tmp_path / "stage3")
     processor.save_pretrained(tmp_path / "stage3")
     data = write_eval_set(tmp_path)
@@ -90,6 +94,7 @@ def test_eve_eval_all_cli_writes_report_metrics_and_plots(tmp_path):
     assert (out / "routing_policies.png").stat().st_size > 1024
     saved = json.loads((out / "metrics.json").read_text())["models"]["stage3"]
     assert saved["vqa"]["questions"] == 5
+    assert str(tmp_path / "base") in saved["language"]["base"]
     assert (
         saved["language"]["text"]["delta_perplexity"] == 0.0
         and saved["language"]["mc"]["mc"]["delta_acc"] == 0.0
