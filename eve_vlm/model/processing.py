@@ -19,7 +19,7 @@ from transformers.image_utils import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from eve_vlm.errors import ImageTokenMismatchError
+from eve_vlm.errors import ConfigError, ImageTokenMismatchError
 
 NORMALISATION = {
     "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
@@ -37,6 +37,31 @@ def build_image_processor(vision_config: PreTrainedConfig, image_size: int) -> C
         image_mean=list(mean),
         image_std=list(std),
     )
+
+
+# Dedicated padding tokens some tokenizers carry without declaring them as `pad_token` (Llama 3.1+, Qwen).
+PAD_TOKEN_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Gives a tokenizer without a pad token (Llama 3.x, Mistral) one, in place: a dedicated padding token of
+    its vocabulary if it has one (`PAD_TOKEN_CANDIDATES`), else its end-of-sequence token. Padding positions
+    are masked by position (attention mask, labels -100), so the id only has to exist; it is saved with the
+    processor.
+
+    Raises:
+        ConfigError: The tokenizer has neither a pad nor an end-of-sequence token.
+    """
+    if tokenizer is None or tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    pad = next((t for t in PAD_TOKEN_CANDIDATES if t in vocab), tokenizer.eos_token)
+    if pad is None:
+        raise ConfigError(
+            f"{type(tokenizer).__name__} has no pad token and no end-of-sequence token to pad with; set "
+            "`tokenizer.pad_token` before building the processor."
+        )
+    tokenizer.pad_token = pad
 
 
 class EveProcessor(ProcessorMixin):
@@ -72,6 +97,7 @@ class EveProcessor(ProcessorMixin):
         self.system_prompt = system_prompt
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
+        ensure_pad_token(tokenizer)  # batched prompts and training batches are padded
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod

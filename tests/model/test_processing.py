@@ -43,6 +43,40 @@ def test_expands_each_image_marker_and_runs_the_model():
     assert out.logits.shape[:2] == batch["input_ids"].shape
 
 
+def no_pad_tokenizer(with_pad_in_vocab: bool):
+    """A word-level tokenizer that declares no pad token (as Llama 3.x and Mistral ship)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "<|im_end|>", "<unk>", "what", "is", "the", "colour"]
+    words += ["<|finetune_right_pad_id|>"] if with_pad_in_vocab else []
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    assert tok.pad_token is None
+    return tok
+
+
+@pytest.mark.parametrize("with_pad_in_vocab", [True, False])
+def test_a_tokenizer_without_pad_token_gets_one_and_batches_pad(tmp_path, with_pad_in_vocab):
+    model = tiny_model()
+    processor = EveProcessor.from_parts(
+        tokenizer=no_pad_tokenizer(with_pad_in_vocab),
+        vision_config=model.config.vision_config,
+        image_size=model.config.image_size,
+        num_image_tokens=model.config.num_image_tokens,
+    )
+    expected = "<|finetune_right_pad_id|>" if with_pad_in_vocab else "<|im_end|>"
+    assert processor.tokenizer.pad_token == expected
+    batch = processor(["what is the colour", "what"])
+    assert batch["attention_mask"].sum(1).tolist() == [4, 1]
+    assert batch["input_ids"][1, 1:].tolist() == [processor.tokenizer.convert_tokens_to_ids(expected)] * 3
+    processor.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).tokenizer.pad_token == expected
+
+
 def test_marker_count_mismatch_raises():
     processor = make_processor(tiny_model())
     with pytest.raises(ImageTokenMismatchError, match="2 '<image>' marker"):
