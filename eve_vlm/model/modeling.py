@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
@@ -215,7 +216,8 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             pixel_values: (N, 3, H, W), one per image, in placeholder order.
             image_mask: (B, T) bool; only needed with `inputs_embeds` (else derived from `input_ids`).
             has_image: (B,) bool, whether each sequence holds an image anywhere, the KV cache included.
-                Default: whether its tokens here hold one. `generate` passes it, so decoding steps after an
+                Default: whether its tokens here hold one; required (ConfigError) with a non-empty KV cache
+                once the model has LoRA or EVF layers. `generate` passes it, so decoding steps after an
                 image prompt keep the multimodal path (LoRA on, EVF routing) although new tokens are text.
             labels: (B, T) targets, -100 where ignored (placeholder positions are always ignored); shifted
                 inside like transformers' causal LMs.
@@ -227,6 +229,15 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         elif image_mask is None:
             image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         if has_image is None:
+            cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+            multimodal = self.config.lora is not None or self.config.evf is not None
+            if multimodal and cache is not None and cache.get_seq_length() > 0:
+                # Whether a row holds an image is in the cache, not in this step's tokens: guessing from
+                # them would run an image request's new tokens on the text path (LoRA off, no routing).
+                raise ConfigError(
+                    "Decoding with a non-empty KV cache needs has_image: pass has_image=(B,) bool, True for the "
+                    "rows whose prompt held an image (model.generate does this itself)."
+                )
             has_image = image_mask.any(dim=1)
 
         image_features = None

@@ -178,6 +178,26 @@ def test_kv_cache_generation_equals_no_cache(family):
     assert torch.equal(with_cache, without)
 
 
+def test_manual_cache_decoding_needs_has_image_and_then_matches_generate():
+    from transformers.cache_utils import Cache
+
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate")
+    ids, pixels = image_batch(model.config)
+    expected = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+        name, cache = next((k, v) for k, v in out.items() if isinstance(v, Cache))
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        with pytest.raises(ConfigError, match="needs has_image"):  # the image request would run as text
+            model(input_ids=step, **{name: cache}, use_cache=True)
+        tokens = [step]
+        for _ in range(2):
+            out = model(input_ids=tokens[-1], **{name: cache}, has_image=torch.ones(2, dtype=torch.bool))
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), expected)
+
+
 def test_output_carries_the_language_models_kv_cache(family):
     from transformers.cache_utils import Cache
 
