@@ -17,8 +17,10 @@ def _inspect(args: argparse.Namespace) -> None:
     from transformers import AutoModelForImageTextToText
 
     import eve_vlm  # noqa: F401  (registers the Auto classes)
+    from eve_vlm.model.folder import check_eve_folder
     from eve_vlm.model.params import parameter_counts
 
+    check_eve_folder(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
     cfg = model.config
     counts = parameter_counts(model)
@@ -58,7 +60,9 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     import eve_vlm  # noqa: F401
     from eve_vlm.model import EveForConditionalGeneration, EveProcessor
+    from eve_vlm.model.folder import check_eve_folder
 
+    check_eve_folder(args.model_dir)
     model = EveForConditionalGeneration.from_pretrained(args.model_dir)
     if args.merge:
         merged = model.merge_lora()

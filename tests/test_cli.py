@@ -28,3 +28,48 @@ def test_inspect_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "error: Checkpoint" in err and "missing weight" in err
+
+
+def _saved_llm(folder):
+    from conftest import tiny_text_config
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_text_config()).save_pretrained(folder)
+    return folder
+
+
+def test_every_model_command_refuses_a_folder_that_is_not_an_eve_model(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def no_allocation(*args, **kwargs):  # the check must come before any model is built
+        raise AssertionError("a model was loaded")
+
+    llm = _saved_llm(tmp_path / "llm")
+    capsys.readouterr()  # the save's progress bar
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", no_allocation)
+    commands = [
+        ["inspect", "{}"],
+        ["export", "{}", str(tmp_path / "out")],
+        ["chat", "--model", "{}", "hello"],
+        ["eval", "vqa", "--model", "{}", "--data", str(tmp_path / "none.json")],
+    ]
+    cases = [(llm, "holds a llama model, not an Eve model"), (tmp_path / "missing", "does not exist")]
+    for folder, message in cases:
+        for argv in commands:
+            assert main([a.format(folder) for a in argv]) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and str(folder) in err and message in err, (argv, err)
+            assert "Traceback" not in err
+
+
+def test_a_truncated_weights_file_is_named(tmp_path, capsys):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "truncated" in err
+    (tmp_path / "model.safetensors").unlink()
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err

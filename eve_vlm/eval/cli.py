@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from eve_vlm.errors import ConfigError, DataError
+from eve_vlm.errors import DataError
 
 __all__ = ["add_eval_parser"]
 
@@ -19,9 +19,9 @@ def load_model_and_processor(model_dir: str):
     """An Eve model (eval mode) and its processor from a saved folder."""
     import eve_vlm  # noqa: F401  (registers the Auto classes)
     from eve_vlm.model import EveForConditionalGeneration, EveProcessor
+    from eve_vlm.model.folder import check_eve_folder
 
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"Model folder {model_dir} does not exist.")
+    check_eve_folder(model_dir)
     model = EveForConditionalGeneration.from_pretrained(model_dir).eval()
     return model, EveProcessor.from_pretrained(model_dir)
 

@@ -17,6 +17,7 @@ Shapes: B batch, T tokens, N images, Ni tokens per image, D LM hidden size.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -30,6 +31,7 @@ from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
 from eve_vlm.model.decoder_layer import RoutingRecorder, evf_modules, insert_evf_layers
 from eve_vlm.model.evf import RoutingStats
+from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.lora import adapters_disabled, add_lora, lora_layers
 from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
@@ -322,13 +324,15 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 transformers' behaviour (missing weights freshly initialised, a warning).
         """
         want_info = kwargs.pop("output_loading_info", False)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(where, (str, os.PathLike)) and os.path.isdir(where):
+            check_eve_folder(where)  # before any allocation: a base LLM's folder would build a huge model
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.freeze_defaults()
         if not strict:
             return (model, info) if want_info else model
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise CheckpointError(
                 f"Checkpoint {where} does not match its config: {len(missing)} missing weight(s) "
                 f"{missing[:5]}{'...' if len(missing) > 5 else ''} and {len(unexpected)} unexpected weight(s) "

@@ -12,6 +12,7 @@ from PIL import Image
 
 from eve_vlm.errors import DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
+from eve_vlm.model.folder import check_eve_folder
 
 
 def build_prompt(processor: EveProcessor, question: str, with_image: bool, system: str | None = None) -> str:
@@ -56,6 +57,7 @@ def add_chat_parser(subparsers) -> None:
 
 
 def _run(args) -> None:
+    check_eve_folder(args.model)
     model = EveForConditionalGeneration.from_pretrained(args.model).eval()
     processor = EveProcessor.from_pretrained(args.model)
     image = load_image(args.image) if args.image else None

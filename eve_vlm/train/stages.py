@@ -28,8 +28,9 @@ from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.collator import EveCollator, LlavaDataset
 from eve_vlm.data.conversations import ConversationEncoder
 from eve_vlm.data.llava import DataSource, load_rows
-from eve_vlm.errors import ConfigError
+from eve_vlm.errors import CheckpointError, ConfigError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
+from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.train.recipe import Recipe
 from eve_vlm.train.trainable import apply_trainable_rules
 from eve_vlm.train.trainer import EveTrainer
@@ -91,6 +92,10 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
             raise ConfigError(
                 f"model.init_from: {source} holds no saved model; run the previous stage first."
             )
+        try:
+            check_eve_folder(source)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init_from: {err}") from None
         model = EveForConditionalGeneration.from_pretrained(source, dtype=DTYPES[recipe.model.dtype])
         processor = EveProcessor.from_pretrained(source)
     if recipe.lora is not None and model.config.lora is None:

@@ -1,6 +1,7 @@
 """Stages 1 -> 2 -> 3 end to end, in-process, on tiny parts saved to disk and a synthetic colour task."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,9 +11,10 @@ from conftest import tiny_text_config, tiny_tokenizer, tiny_vision_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 
+from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.train.recipe import load_recipe
-from eve_vlm.train.stages import run_stage
+from eve_vlm.train.stages import build_model, run_stage
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20)}
 
@@ -117,6 +119,12 @@ def frozen_state(model):
     return {
         k: v.clone() for k, v in model.state_dict().items() if "vision_ffns" not in k and "router" not in k
     }
+
+
+def test_init_from_a_base_llm_folder_is_refused_before_building_a_model(parts, tmp_path):
+    shutil.copytree(parts / "lm", tmp_path / "stage1")  # the natural mistake: the LLM folder as init_from
+    with pytest.raises(ConfigError, match=r"model\.init_from: .* holds a llama model, not an Eve model"):
+        build_model(recipe(parts, tmp_path, 2))
 
 
 def test_three_stages(parts, tmp_path):
