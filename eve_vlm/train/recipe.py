@@ -89,6 +89,8 @@ class DataSpec:
         template: `chat` (the tokenizer's chat template) or `plain` (image then caption, stage 1).
         max_length: Longest sequence in tokens; truncation never cuts image tokens.
         on_bad_row: `raise` (stop, naming file and row) or `skip` (skip and count).
+        max_bad_share: With `skip`, the largest share of bad rows a stage accepts: above it the stage refuses to
+            start (before the first step), naming the most common reason and an example row.
         system_prompt: System message for rows that have none (chat template); None = the model's own
             (`EveProcessor.system_prompt`, set by an earlier stage) or the template's default. A stage that
             sets it saves it with the model, and `eve chat` and the evaluations use it for image requests.
@@ -99,6 +101,7 @@ class DataSpec:
     template: str = "chat"
     max_length: int = 2048
     on_bad_row: str = "raise"
+    max_bad_share: float = 0.01
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class DataSpec:
             raise ConfigError(f"data.template={self.template!r}: use chat or plain.")
         if self.on_bad_row not in ("raise", "skip"):
             raise ConfigError(f"data.on_bad_row={self.on_bad_row!r}: use raise or skip.")
+        if not 0.0 <= self.max_bad_share <= 1.0:
+            raise ConfigError(f"data.max_bad_share={self.max_bad_share}: use a share between 0 and 1.")
 
 
 @dataclass

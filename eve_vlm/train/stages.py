@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.collator import EveCollator, LlavaDataset
 from eve_vlm.data.conversations import ConversationEncoder
 from eve_vlm.data.llava import DataSource, load_rows
-from eve_vlm.errors import CheckpointError, ConfigError
+from eve_vlm.errors import CheckpointError, ConfigError, DataError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.train.recipe import Recipe
@@ -129,7 +131,37 @@ def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, lo
     dataset.skipped = list(loaded.skipped) + list(dataset.skipped)
     images = sum(dataset.is_image)
     log(f"data: {len(dataset)} rows ({images} with an image, {len(dataset) - images} text-only)")
+    if dataset.skipped:
+        check_bad_rows(dataset.skipped, len(dataset), data.max_bad_share, log)
     return dataset
+
+
+def _reason_kind(reason: str) -> str:
+    """A bad row's reason without its row-specific parts (quoted values, paths, numbers)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\S*/\S*|\d+", "...", reason)
+
+
+def check_bad_rows(skipped: list, kept: int, max_share: float, log=print) -> None:
+    """Logs the skipped rows' share and most common reason before training; refuses to start above
+    `max_share`.
+
+    Raises:
+        DataError: More than `max_share` of the rows are bad; names the most common reason and an example.
+    """
+    share = len(skipped) / (len(skipped) + kept) if skipped else 0.0
+    kinds = Counter(_reason_kind(bad.reason) for bad in skipped)
+    kind, count = kinds.most_common(1)[0]
+    example = next(bad for bad in skipped if _reason_kind(bad.reason) == kind)
+    where = f"{example.source}:{example.line} id={example.id}: {example.reason}"
+    log(
+        f"data: skipped {len(skipped)} bad row(s), {100 * share:.2f}% of the rows; most common ({count}): {where}"
+    )
+    if share > max_share:
+        raise DataError(
+            f"{len(skipped)} of {len(skipped) + kept} rows ({100 * share:.2f}%) are bad, above "
+            f"data.max_bad_share={max_share}; most common reason ({count} rows), e.g. {where}. Fix the data, "
+            "or raise data.max_bad_share to train on the rest."
+        )
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:

@@ -11,10 +11,10 @@ from conftest import tiny_text_config, tiny_tokenizer, tiny_vision_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 
-from eve_vlm.errors import ConfigError
+from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.train.recipe import load_recipe
-from eve_vlm.train.stages import build_model, run_stage
+from eve_vlm.train.stages import build_dataset, build_model, run_stage
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20)}
 
@@ -125,6 +125,27 @@ def test_init_from_a_base_llm_folder_is_refused_before_building_a_model(parts, t
     shutil.copytree(parts / "lm", tmp_path / "stage1")  # the natural mistake: the LLM folder as init_from
     with pytest.raises(ConfigError, match=r"model\.init_from: .* holds a llama model, not an Eve model"):
         build_model(recipe(parts, tmp_path, 2))
+
+
+def test_bad_rows_are_counted_before_the_first_step_and_too_many_refuse_the_stage(parts, tmp_path):
+    rows = json.loads((parts / "captions.json").read_text())[:8]
+    for k in (2, 5):
+        rows[k] = {**rows[k], "image": f"missing-{k}.png"}
+    bad_file = tmp_path / "captions.json"
+    bad_file.write_text(json.dumps(rows))
+    spec = recipe(parts, tmp_path, 1)
+    spec.data.sources[0].path = str(bad_file)
+    spec.data.on_bad_row = "skip"
+    model, processor = build_model(spec)
+    with pytest.raises(DataError, match=r"2 of 8 rows \(25\.00%\) are bad.*not found.*max_bad_share"):
+        build_dataset(spec, processor, model.config, log=lambda line: None)
+    spec.data.max_bad_share = 0.5
+    lines = []
+    dataset = build_dataset(spec, processor, model.config, log=lines.append)
+    assert len(dataset) == 6
+    assert any(
+        "skipped 2 bad row(s), 25.00% of the rows" in line and "missing-2.png" in line for line in lines
+    )
 
 
 def test_three_stages(parts, tmp_path):
