@@ -333,10 +333,19 @@ def digest(path: Path) -> dict:
     if path.is_file():
         return {"sha256": file_sha256(path), "files": 1, "bytes": path.stat().st_size}
     files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {
+        "sha256": _files_sha256(path, files),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+    }
+
+
+def _files_sha256(root: Path, files: list[Path]) -> str:
+    """sha256 over each file's path relative to `root` and its sha256, in the given order."""
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.relative_to(path).as_posix()}\t{file_sha256(p)}\n".encode())
-    return {"sha256": h.hexdigest(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        h.update(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n".encode())
+    return h.hexdigest()
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -353,10 +362,7 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"{root} holds no weight file ({', '.join(WEIGHT_SUFFIXES)})")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n".encode())
-    return h.hexdigest()
+    return _files_sha256(root, files)
 
 
 def quick_digest(path: Path) -> dict:

@@ -255,9 +255,12 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         if self.config.evf is not None:
             recorder = RoutingRecorder()
             # Padding (attention_mask 0 at the new positions) takes the language FFN and is never routed.
+            # Checked once here, not in every EVF layer: without padding the layers get no mask at all.
             token_mask = None
             if attention_mask is not None and attention_mask.dim() == 2:
                 token_mask = attention_mask[:, -inputs_embeds.shape[1] :].to(torch.bool)
+                if bool(token_mask.all()):
+                    token_mask = None
             kwargs.update(
                 image_mask=image_mask, has_image=has_image, token_mask=token_mask, routing_recorder=recorder
             )

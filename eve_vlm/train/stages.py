@@ -142,13 +142,13 @@ def _reason_kind(reason: str) -> str:
 
 
 def check_bad_rows(skipped: list, kept: int, max_share: float, log=print) -> None:
-    """Logs the skipped rows' share and most common reason before training; refuses to start above
-    `max_share`.
+    """Logs the share of skipped rows (at least one) and their most common reason before training; refuses
+    to start above `max_share`.
 
     Raises:
         DataError: More than `max_share` of the rows are bad; names the most common reason and an example.
     """
-    share = len(skipped) / (len(skipped) + kept) if skipped else 0.0
+    share = len(skipped) / (len(skipped) + kept)
     kinds = Counter(_reason_kind(bad.reason) for bad in skipped)
     kind, count = kinds.most_common(1)[0]
     example = next(bad for bad in skipped if _reason_kind(bad.reason) == kind)
