@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert_capacity, get_policy
+from eve_vlm.model.lora import adapters_disabled, lora_layers
 
 __all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingStats"]
 
@@ -312,7 +313,10 @@ class ElasticVisionFFN(nn.Module):
         stats = RoutingStats(
             zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device)
         )
-        return EVFOutput(self.language_ffn(hidden_states), torch.zeros((), device=device), stats)
+        # The text path is the base LLM's FFN: a LoRA adapter on it (stage 2) is off for these rows.
+        with adapters_disabled(lora_layers(self.language_ffn)):
+            out = self.language_ffn(hidden_states)
+        return EVFOutput(out, torch.zeros((), device=device), stats)
 
     def _capacity(self, num_assignments: int) -> int:
         if self.allocation == "modality":

@@ -2,8 +2,10 @@
 
 Adapters are injected in place with peft (`inject_adapter_in_model`), so the LM stays the transformers model it
 was and the Eve model saves and loads them as ordinary weights (`EveConfig.lora` records the peft options).
-For the elastic guarantee the Eve model runs batches without any image with the adapters switched off
-(`adapters_disabled`), which computes exactly the base layer. `merge_lora` folds them into dense weights for
+For the elastic guarantee the Eve model runs text-only sequences with the adapters off: a batch without any
+image with every adapter switched off (`adapters_disabled`), a batch mixing text-only and image sequences with
+the adapters applied per row (`adapters_per_row`, peft's mixed-batch forward with `"__base__"` for the text
+rows). Both compute exactly the base layer for the text rows. `merge_lora` folds them into dense weights for
 users who want one dense model (`eve export --merge`).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -42,21 +45,59 @@ def lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
 
 @contextmanager
 def adapters_disabled(layers: list[BaseTunerLayer]):
-    """Runs the layers without their adapters, restoring each adapter weight's `requires_grad` afterwards
-    (peft's `enable_adapters` would otherwise make every active adapter trainable again)."""
+    """Runs the layers without their adapters, then puts each layer back as it was (on or off) and restores
+    each adapter weight's `requires_grad` (peft's `enable_adapters` would otherwise make every active adapter
+    trainable again). Nested uses are safe: an inner one leaves the layers off for the outer one."""
     params = [
         p for layer in layers for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()
     ]
     flags = [p.requires_grad for p in params]
+    was_enabled = [not layer.disable_adapters for layer in layers]
     for layer in layers:
         layer.enable_adapters(False)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, enabled in zip(layers, was_enabled, strict=True):
+            layer.enable_adapters(enabled)
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@contextmanager
+def adapters_per_row(layers: list[BaseTunerLayer], active: torch.Tensor):
+    """Runs the layers with their adapter on the rows where `active` (B,) is True and off (exactly the base
+    layer) on the others, through peft's mixed-batch forward (`adapter_names`, `"__base__"` = base layer).
+
+    Each layer must be called on inputs whose first dimension is the B rows; one that is not (a layer inside
+    a module that regroups tokens) raises `ConfigError` rather than applying the adapter to the wrong rows.
+    """
+    flags = [bool(a) for a in active.tolist()]
+    handles = []
+
+    def pass_adapter_names(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != len(flags):
+            raise ConfigError(
+                f"LoRA layer {type(module).__name__} got inputs with {x.shape[0]} rows in a batch of "
+                f"{len(flags)} sequences, so its adapter cannot be switched per sequence; run text-only and "
+                "image sequences in separate batches."
+            )
+        names = module.active_adapters
+        if len(names) != 1:
+            raise ConfigError(f"Per-sequence LoRA needs exactly one active adapter, found {names}.")
+        return args, {**kwargs, "adapter_names": [names[0] if f else BASE_ADAPTER for f in flags]}
+
+    try:
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(pass_adapter_names, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def merge_lora(module: nn.Module) -> int:

@@ -7,8 +7,8 @@ Features:
   (as transformers' `LlavaForConditionalGeneration`); the placeholder id may lie outside the LM vocabulary.
 - Stage 3 (`add_elastic_vision_ffns`) swaps chosen decoder layers for `EveDecoderLayer`s with an
   `ElasticVisionFFN`; the image mask reaches them as a forward argument (see `decoder_layer.py`).
-- The elastic guarantee: a batch with no image token runs only the language FFNs with weight 1, so its logits
-  are the base LLM's bit for bit.
+- The elastic guarantee, per sequence: a sequence with no image token runs only the language FFNs with weight 1
+  and without LoRA, so its logits are the base LLM's, also inside a batch with image sequences.
 - Typed output: logits, loss = CE + aux_loss_coef * sum of EVF balance losses, aux loss, per-layer routing.
 
 Derived from transformers' `models/llava/modeling_llava.py` and the Eve paper (arXiv 2501.04322).
@@ -32,7 +32,7 @@ from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
 from eve_vlm.model.decoder_layer import RoutingRecorder, evf_modules, insert_evf_layers
 from eve_vlm.model.evf import RoutingStats
 from eve_vlm.model.folder import check_eve_folder
-from eve_vlm.model.lora import adapters_disabled, add_lora, lora_layers
+from eve_vlm.model.lora import adapters_disabled, adapters_per_row, add_lora, lora_layers
 from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
 
@@ -264,7 +264,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             kwargs.update(
                 image_mask=image_mask, has_image=has_image, token_mask=token_mask, routing_recorder=recorder
             )
-        with self._text_path_context(bool(has_image.any())):
+        with self._text_path_context(has_image):
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -291,11 +291,19 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             **lm_fields, loss=loss, aux_loss=aux_loss, routing=routing, image_hidden_states=image_features
         )
 
-    def _text_path_context(self, multimodal: bool):
-        """LoRA adapters are switched off for a batch without any image (the elastic guarantee)."""
-        if multimodal or self.config.lora is None:
+    def _text_path_context(self, has_image: torch.Tensor):
+        """The elastic guarantee for LoRA, per sequence: the adapters are off for every sequence without an
+        image. A batch without images runs with them switched off; a batch mixing text-only and image
+        sequences applies them per row (`adapters_per_row`), so a text-only row gets the base LLM's output
+        whatever its batch-mates. The LoRA layers inside EVF modules are left to the EVF, which calls them on
+        regrouped tokens and runs its text rows with their adapters off."""
+        if self.config.lora is None or bool(has_image.all()):
             return nullcontext()
-        return adapters_disabled(lora_layers(self.language_model))
+        layers = lora_layers(self.language_model)
+        if not bool(has_image.any()):
+            return adapters_disabled(layers)
+        in_evf = {id(layer) for evf in self.evf_layers.values() for layer in lora_layers(evf)}
+        return adapters_per_row([layer for layer in layers if id(layer) not in in_evf], has_image)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)

@@ -71,3 +71,74 @@ def test_lora_save_load_and_merge(tmp_path):
         )
         texts = text_batch()
         assert not torch.allclose(merged(input_ids=texts).logits, base(input_ids=texts).logits, atol=1e-3)
+
+
+def mixed_batch(config, text_len=10):
+    """A left-padded batch: row 0 text-only, row 1 an image prompt; plus each row alone."""
+    image_ids, pixels = image_batch(config, batch=1)
+    text_ids = text_batch(batch=1, length=text_len)
+    width = image_ids.shape[1]
+    pad = width - text_len
+    ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), text_ids], dim=1), image_ids])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask, pixels, text_ids, image_ids
+
+
+def with_evf(model):
+    model.add_elastic_vision_ffns("alternate")
+    torch.manual_seed(5)
+    for evf in model.evf_layers.values():
+        torch.nn.init.normal_(evf.router.weight, std=1.0)
+        for p in evf.vision_ffns.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_text_row_in_a_mixed_batch_is_the_base_llms(family):
+    """Regression: LoRA was switched per batch, so a text-only row sharing a batch with an image row ran with
+    the adapters on. It must get the base LLM's output; the image row keeps LoRA."""
+    model, base = lora_model(family)
+    ids, mask, pixels, text_ids, image_ids = mixed_batch(model.config)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        text_alone = base(input_ids=text_ids).logits
+        image_alone = model(input_ids=image_ids, pixel_values=pixels).logits
+    pad = ids.shape[1] - text_ids.shape[1]
+    torch.testing.assert_close(mixed[0, pad:], text_alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], image_alone[0], rtol=1e-5, atol=1e-5)
+    # The adapters are back on, and the same for every layer, after the mixed batch.
+    assert all(not layer.disable_adapters for layer in lora_layers(model.language_model))
+
+
+def test_mixed_batch_generation_with_lora_and_evf():
+    """Greedy decoding of a mixed batch on a LoRA + EVF model: the text row's tokens are the base LLM's,
+    the image row's equal the image request alone."""
+    model, base = lora_model()
+    model = with_evf(model)
+    ids, mask, pixels, text_ids, image_ids = mixed_batch(model.config)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False
+    )
+    solo_text = base.generate(input_ids=text_ids, max_new_tokens=8, do_sample=False)
+    solo_image = model.generate(input_ids=image_ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)
+    width = ids.shape[1]
+    assert out[0, width:].tolist() == solo_text[0, text_ids.shape[1] :].tolist()
+    assert out[1, width:].tolist() == solo_image[0, width:].tolist()
+    # LoRA matters for the text path here: with it on, the text row's answer would differ.
+    with torch.no_grad():
+        lora_on = model.language_model(input_ids=text_ids).logits
+        plain = base(input_ids=text_ids).logits
+    assert not torch.allclose(lora_on, plain, atol=1e-3)
+
+
+def test_nested_adapters_disabled_keeps_the_outer_state():
+    from eve_vlm.model.lora import adapters_disabled
+
+    model, _ = lora_model()
+    layers = lora_layers(model.language_model)
+    with adapters_disabled(layers):
+        with adapters_disabled(layers[:2]):
+            pass
+        assert all(layer.disable_adapters for layer in layers)
+    assert not any(layer.disable_adapters for layer in layers)
