@@ -1,4 +1,5 @@
-"""The `eve` command: `eve demo`, `eve train RECIPE [key=value ...]`, `eve export`, `eve inspect MODEL_DIR`."""
+"""The `eve` command: `eve demo`, `eve train RECIPE [key=value ...]`, `eve export`, `eve inspect MODEL_DIR`,
+`eve chat`, `eve serve MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from eve_vlm.errors import EveError
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.serve.chat import add_chat_parser
+from eve_vlm.serve.server import add_serve_parser
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters (text path then changes)")
     p.set_defaults(func=_export)
     add_chat_parser(sub)
+    add_serve_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)
     add_quickstart_parser(sub)

@@ -30,3 +30,7 @@ class DataError(EveError, ValueError):
 class AssetError(EveError, RuntimeError):
     """A pretrained part or data set cannot be prepared (a source package is missing or its contents are not
     what the converter expects), or `eve prepare` has not been run."""
+
+
+class MissingDependencyError(EveError, ImportError):
+    """An optional extra the command needs is not installed; the message names the extra."""
