@@ -1,8 +1,13 @@
-"""`eve chat`: one question to a saved Eve model, with or without an image.
+"""`eve chat`: a saved Eve model from the shell.
+
+- `eve chat MODEL_DIR "question" [--image PATH]` (or `--model MODEL_DIR`): one greedy answer, printed.
+- `eve chat MODEL_DIR` with no question: an interactive session with streamed answers and the conversation's
+  history; `/image PATH` attaches an image to the next message, `/reset` clears the history, `/exit` (or end
+  of input) leaves. It decodes in-process through the server's engine (`engine.py`, `prompt.py`), so it gives
+  the answers `eve serve` gives; with `--url http://HOST:PORT` it talks to a running `eve serve` instead.
 
 The prompt is the tokenizer's own chat template with the generation prompt; an image adds `<image>` in front
-of the question. Decoding is greedy with the KV cache. A question without an image runs the base LLM's text
-path, so it gets the base LLM's answer.
+of the question. A question without an image runs the base LLM's text path, so it gets the base LLM's answer.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from eve_vlm.errors import DataError
+from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.folder import check_eve_folder
 
@@ -47,18 +52,48 @@ def answer(
 
 
 def add_chat_parser(subparsers) -> None:
-    p = subparsers.add_parser("chat", help="ask a saved model one question, optionally about an image")
-    p.add_argument("--model", required=True, help="model folder (e.g. runs/quickstart/stage3)")
-    p.add_argument("--image", help="image file")
+    p = subparsers.add_parser(
+        "chat", help="chat with a saved model (interactive without a question), optionally about images"
+    )
+    p.add_argument("words", nargs="*", metavar="MODEL_DIR [QUESTION]", help="model folder, then the question")
+    p.add_argument("--model", help="model folder (then every positional word is the question)")
+    p.add_argument("--url", help="talk to a running `eve serve` at this address instead of loading a model")
+    p.add_argument("--image", help="image file (one-shot form)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="interactive form: 0 = greedy (default)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("question")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> None:
-    check_eve_folder(args.model)
-    model = EveForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = EveProcessor.from_pretrained(args.model)
-    image = load_image(args.image) if args.image else None
-    print(answer(model, processor, args.question, image, args.max_new_tokens, args.system))
+    words = list(args.words)
+    model_dir = args.model
+    if model_dir is None and args.url is None:
+        if not words:
+            raise ConfigError(
+                "eve chat needs a model folder (eve chat MODEL_DIR) or --url of a running server."
+            )
+        model_dir = words.pop(0)
+    question = " ".join(words) if words else None
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1.")
+    if question is not None:
+        if model_dir is None:
+            raise ConfigError("The one-shot form needs a model folder; use the interactive form with --url.")
+        check_eve_folder(model_dir)
+        model = EveForConditionalGeneration.from_pretrained(model_dir).eval()
+        processor = EveProcessor.from_pretrained(model_dir)
+        image = load_image(args.image) if args.image else None
+        print(answer(model, processor, question, image, args.max_new_tokens, args.system))
+        return
+    from eve_vlm.serve.session import ChatSession, LocalBackend, RemoteBackend
+
+    if args.url is not None:
+        backend = RemoteBackend(args.url)
+    else:
+        backend = LocalBackend.load(model_dir, args.dtype, args.threads)
+    options = {"max_tokens": args.max_new_tokens, "temperature": args.temperature}
+    with backend:
+        ChatSession(backend, options, args.system).run()
