@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the serve-test extra)")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (the serve-test extra)"
+)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = [
