@@ -1,7 +1,8 @@
 """The generation engine of `eve serve`: one thread owns the model and decodes requests in batches.
 
-- Requests wait in a bounded queue (`submit` raises `EngineBusy` when it is full). The engine thread takes the
-  oldest one, then collects compatible requests for up to `batch_wait_ms`, up to `max_batch_size`, and runs one
+- At most `max_queue` requests wait (queued, or set aside because they did not fit a batch): `reserve` (or
+  `submit`) raises `EngineBusy` beyond that, so the server refuses a request before it decodes its images.
+  The engine thread takes the oldest one, then collects compatible requests for up to `batch_wait_ms`, up to `max_batch_size`, and runs one
   `model.generate` on the left-padded batch with the KV cache.
 - Compatible = the same sampling (greedy, or the same temperature and top_p). A request with a `seed` runs
   alone, right after `torch.manual_seed`, so its sampling repeats. Text-only and image requests share
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineBusy(Exception):
-    """The request queue is full."""
+    """Too many requests are waiting."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class EngineConfig:
     Attributes:
         max_batch_size: Requests decoded together (1 = batching off).
         batch_wait_ms: How long the engine waits for more requests after the first of a batch.
-        max_queue: Requests waiting beyond the running batch; more are refused (503).
+        max_queue: Requests waiting beyond the running batch (reserved, queued or set aside for a later batch);
+            more are refused (503).
     """
 
     max_batch_size: int = 8
@@ -226,8 +228,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.stats = EngineStats()
-        self._queue: queue.Queue[Request] = queue.Queue(maxsize=self.config.max_queue)
+        self._queue: queue.Queue[Request] = queue.Queue()
         self._pending: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._waiting = 0  # reserved + queued + pending, bounded by max_queue
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.eos_ids = self._eos_ids()
@@ -265,18 +269,38 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + len(self._pending)
+        """Requests waiting: reserved, queued, or set aside for a later batch."""
+        return self._waiting
 
-    def submit(self, request: Request) -> None:
-        """Queues a request.
+    def reserve(self) -> None:
+        """Holds a place among the waiting requests for one request still being prepared; give it back with
+        `release` if the request is not submitted, or pass `reserved=True` to `submit`.
 
         Raises:
-            EngineBusy: The queue is full.
+            EngineBusy: `max_queue` requests are already waiting.
         """
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise EngineBusy from None
+        with self._lock:
+            if self._waiting >= self.config.max_queue:
+                raise EngineBusy
+            self._waiting += 1
+
+    def release(self, count: int = 1) -> None:
+        """Gives back places held by `reserve` (or by requests that left the waiting ones)."""
+        with self._lock:
+            self._waiting -= count
+
+    def submit(self, request: Request, reserved: bool = False) -> None:
+        """Queues a request.
+
+        Args:
+            reserved: A place was already held for it with `reserve`.
+
+        Raises:
+            EngineBusy: `max_queue` requests are already waiting.
+        """
+        if not reserved:
+            self.reserve()
+        self._queue.put_nowait(request)
 
     # --- the engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -299,21 +323,33 @@ class Engine:
             return False
         return not (self.one_image_per_batch and request.has_image and any(r.has_image for r in batch))
 
+    def _drop(self, request: Request) -> None:
+        """A request whose client has gone before it ran: it leaves the waiting ones without running."""
+        self.stats.cancelled += 1
+        self.release()
+
     def _next_batch(self) -> list[Request]:
         first = self._take(timeout=0.1)
         while first is not None and first.sink.cancelled.is_set():
-            self.stats.cancelled += 1
+            self._drop(first)
             first = self._take(timeout=0.0)
         if first is None:
             return []
         batch = [first]
-        if first.sampling.seed is not None or self.config.max_batch_size == 1:
-            return batch
+        if first.sampling.seed is None and self.config.max_batch_size > 1:
+            self._fill(batch)
+        self.release(len(batch))
+        return batch
+
+    def _fill(self, batch: list[Request]) -> None:
         # Waiting requests that did not fit an earlier batch come first, in order.
         kept = deque()
         while self._pending and len(batch) < self.config.max_batch_size:
             request = self._pending.popleft()
-            (batch if self._compatible(batch, request) else kept).append(request)
+            if request.sink.cancelled.is_set():
+                self._drop(request)
+            else:
+                (batch if self._compatible(batch, request) else kept).append(request)
         self._pending.extendleft(reversed(kept))
         deadline = time.monotonic() + self.config.batch_wait_ms / 1000
         while len(batch) < self.config.max_batch_size:
@@ -322,12 +358,11 @@ class Engine:
             except queue.Empty:
                 break
             if request.sink.cancelled.is_set():
-                self.stats.cancelled += 1
+                self._drop(request)
             elif self._compatible(batch, request):
                 batch.append(request)
             else:
                 self._pending.append(request)
-        return batch
 
     def _run(self, batch: list[Request]) -> None:
         self.stats.running = len(batch)

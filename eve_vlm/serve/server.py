@@ -126,16 +126,25 @@ def create_app(engine: Engine, builder: PromptBuilder, model_id: str):
                 param="model",
                 code="model_not_found",
             )
-        prepared = await asyncio.to_thread(builder.prepare, request)
-        sink = Sink(asyncio.get_running_loop())
+        # A place among the waiting requests first: under overload a request is refused before its images
+        # are decoded.
         try:
-            engine.submit(Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink))
+            engine.reserve()
         except EngineBusy:
             raise ApiError(
                 503,
                 "The server is busy: too many requests are waiting. Try again shortly.",
                 type="server_error",
             ) from None
+        try:
+            prepared = await asyncio.to_thread(builder.prepare, request)
+        except BaseException:
+            engine.release()
+            raise
+        sink = Sink(asyncio.get_running_loop())
+        engine.submit(
+            Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink), reserved=True
+        )
         cid = completion_id()
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)

@@ -299,14 +299,23 @@ def test_a_client_that_goes_away_stops_its_generation(server):
 
 
 def test_a_full_queue_answers_503_at_once(parts):
-    """An engine that is not running: the queue of one fills, the next request is refused at once."""
+    """An engine that is not running: the queue of one fills, the next request is refused at once, before
+    its image is decoded."""
     from eve_vlm.serve.engine import Engine
     from eve_vlm.serve.prompt import PromptBuilder
     from eve_vlm.serve.server import create_app
 
+    class CountingBuilder(PromptBuilder):
+        calls = 0
+
+        def prepare(self, request):
+            self.calls += 1
+            return super().prepare(request)
+
     model, processor, _ = parts
     engine = Engine(model, processor.tokenizer, EngineConfig(max_batch_size=1, max_queue=1))
-    app = create_app(engine, PromptBuilder(processor, PromptLimits(context=256)), MODEL_ID)
+    builder = CountingBuilder(processor, PromptLimits(context=256))
+    app = create_app(engine, builder, MODEL_ID)
 
     # The first request waits in the queue (nothing decodes it); the second is refused with 503 quickly.
     async def both():
@@ -317,13 +326,15 @@ def test_a_full_queue_answers_503_at_once(parts):
             while engine.queued == 0:
                 await asyncio.sleep(0.01)
             started = time.monotonic()
-            refused = await http.post("/v1/chat/completions", json=body)
+            with_image = {"model": MODEL_ID, "messages": [image_message("what")]}
+            refused = await http.post("/v1/chat/completions", json=with_image)
             elapsed = time.monotonic() - started
             waiting.cancel()
             return refused, elapsed
 
     refused, elapsed = asyncio.run(both())
     assert refused.status_code == 503 and elapsed < 2
+    assert builder.calls == 1  # the refused request was not prepared
     assert refused.json()["error"]["type"] == "server_error"
     health = asyncio.run(_get(app, "/health"))
     assert health.status_code == 503
