@@ -16,11 +16,14 @@
   `asyncio.Queue` through `loop.call_soon_threadsafe`.
 - Events sent to a request: `Delta(text)`, then `Done(finish_reason, prompt_tokens, completion_tokens)`, or
   `Failed(message)` when the batch failed.
+- When the engine thread ends (`stop`, or an unexpected error), every request it has not answered gets
+  `Failed`, and `reserve`/`submit` raise `EngineStopped` from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 
 class EngineBusy(Exception):
     """Too many requests are waiting."""
+
+
+class EngineStopped(Exception):
+    """The engine thread has ended: no request will be decoded."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class Sink:
         self.cancelled = threading.Event()
 
     def send(self, event) -> None:
-        if not self.loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for this request any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
@@ -232,6 +239,7 @@ class Engine:
         self._pending: deque[Request] = deque()
         self._lock = threading.Lock()
         self._waiting = 0  # reserved + queued + pending, bounded by max_queue
+        self._ended = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.eos_ids = self._eos_ids()
@@ -265,7 +273,12 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._ended
+
+    @property
+    def ended(self) -> bool:
+        """The engine thread has ended (stopped or failed): no request will be answered any more."""
+        return self._ended
 
     @property
     def queued(self) -> int:
@@ -278,11 +291,17 @@ class Engine:
 
         Raises:
             EngineBusy: `max_queue` requests are already waiting.
+            EngineStopped: The engine thread has ended.
         """
         with self._lock:
-            if self._waiting >= self.config.max_queue:
-                raise EngineBusy
-            self._waiting += 1
+            self._hold_place()
+
+    def _hold_place(self) -> None:
+        if self._ended:
+            raise EngineStopped
+        if self._waiting >= self.config.max_queue:
+            raise EngineBusy
+        self._waiting += 1
 
     def release(self, count: int = 1) -> None:
         """Gives back places held by `reserve` (or by requests that left the waiting ones)."""
@@ -297,17 +316,36 @@ class Engine:
 
         Raises:
             EngineBusy: `max_queue` requests are already waiting.
+            EngineStopped: The engine thread has ended.
         """
-        if not reserved:
-            self.reserve()
-        self._queue.put_nowait(request)
+        with self._lock:  # with the thread's end (`_loop`): a request queued here is answered there
+            if not reserved:
+                self._hold_place()
+            elif self._ended:
+                raise EngineStopped
+            self._queue.put_nowait(request)
 
     # --- the engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            batch = self._next_batch()
-            if batch:
-                self._run(batch)
+        batch: list[Request] = []
+        try:
+            while not self._stop.is_set():
+                batch = self._next_batch()
+                if batch:
+                    self._run(batch)
+                batch = []
+        except Exception:
+            log.exception("the engine thread failed; no more requests will be answered")
+        finally:
+            with self._lock:
+                self._ended = True
+            if self._stop.is_set():
+                message = "The server is shutting down."
+            else:
+                message = "The server's model engine has stopped; restart the server."
+            for request in [*batch, *self._pending, *iter_queue(self._queue)]:
+                request.sink.send(Failed(message))
+            self._pending.clear()
 
     def _take(self, timeout: float) -> Request | None:
         if self._pending:
@@ -414,3 +452,12 @@ class Engine:
                 self.stats.cancelled += 1
             else:
                 self.stats.completed += 1
+
+
+def iter_queue(q: queue.Queue):
+    """Takes every item out of `q`."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from eve_vlm.errors import MissingDependencyError
-from eve_vlm.serve.engine import Delta, Done, Engine, EngineBusy, Failed, Request, Sink
+from eve_vlm.serve.engine import Delta, Done, Engine, EngineBusy, EngineStopped, Failed, Request, Sink
 from eve_vlm.serve.prompt import PromptBuilder
 from eve_vlm.serve.protocol import (
     ApiError,
@@ -35,6 +35,7 @@ from eve_vlm.serve.protocol import (
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ENGINE_STOPPED = "The server's model engine has stopped; restart the server."
 
 
 def require_fastapi():
@@ -136,15 +137,20 @@ def create_app(engine: Engine, builder: PromptBuilder, model_id: str):
                 "The server is busy: too many requests are waiting. Try again shortly.",
                 type="server_error",
             ) from None
+        except EngineStopped:
+            raise ApiError(503, ENGINE_STOPPED, type="server_error") from None
         try:
             prepared = await asyncio.to_thread(builder.prepare, request)
         except BaseException:
             engine.release()
             raise
         sink = Sink(asyncio.get_running_loop())
-        engine.submit(
-            Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink), reserved=True
-        )
+        try:
+            engine.submit(
+                Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink), reserved=True
+            )
+        except EngineStopped:
+            raise ApiError(503, ENGINE_STOPPED, type="server_error") from None
         cid = completion_id()
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -154,12 +160,19 @@ def create_app(engine: Engine, builder: PromptBuilder, model_id: str):
             )
         return await collect(http, sink, cid)
 
+    async def next_event(sink: Sink):
+        """The request's next event, or None after half a second without one; `Failed` once the engine has
+        ended without answering."""
+        try:
+            return await asyncio.wait_for(sink.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            return Failed(ENGINE_STOPPED) if engine.ended and sink.events.empty() else None
+
     async def collect(http: HttpRequest, sink: Sink, cid: str):
         pieces = []
         while True:
-            try:
-                event = await asyncio.wait_for(sink.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            event = await next_event(sink)
+            if event is None:
                 if await http.is_disconnected():
                     sink.cancel()
                     return JSONResponse(error_body("Client disconnected.", "invalid_request_error"), 499)
@@ -182,7 +195,7 @@ def create_app(engine: Engine, builder: PromptBuilder, model_id: str):
         try:
             yield sse(writer.delta({"role": "assistant", "content": ""}))
             while True:
-                event = await sink.events.get()
+                event = await next_event(sink)
                 if isinstance(event, Delta):
                     yield sse(writer.delta({"content": event.text}))
                 elif isinstance(event, Done):

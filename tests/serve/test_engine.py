@@ -6,7 +6,16 @@ import asyncio
 import pytest
 from tiny_server import tiny_parts
 
-from eve_vlm.serve.engine import Engine, EngineBusy, EngineConfig, Request, Sampling, Sink
+from eve_vlm.serve.engine import (
+    Engine,
+    EngineBusy,
+    EngineConfig,
+    EngineStopped,
+    Failed,
+    Request,
+    Sampling,
+    Sink,
+)
 
 GREEDY = Sampling(max_new_tokens=2, temperature=0.0)
 SAMPLED = Sampling(max_new_tokens=2, temperature=0.7)
@@ -81,3 +90,38 @@ def test_a_cancelled_request_set_aside_never_runs(parts, loop):
     third.sink.cancel()
     assert engine._next_batch() == [second]
     assert engine.stats.cancelled == 1 and engine.queued == 0
+
+
+class FailingEngine(Engine):
+    """An engine whose thread fails outside a batch's generation."""
+
+    def _run(self, batch):
+        raise RuntimeError("a failure outside generation")
+
+
+def next_event(loop, sink, timeout=10):
+    return loop.run_until_complete(asyncio.wait_for(sink.events.get(), timeout))
+
+
+def test_a_failed_engine_answers_every_waiting_request_and_refuses_new_ones(parts, loop):
+    model, processor = parts
+    engine = FailingEngine(model, processor.tokenizer, EngineConfig(max_batch_size=1))
+    waiting = [request(loop) for _ in range(3)]
+    for r in waiting:
+        engine.submit(r)
+    engine.start()
+    for r in waiting:
+        assert isinstance(next_event(loop, r.sink), Failed)
+    assert not engine.alive and engine.ended
+    with pytest.raises(EngineStopped):
+        engine.submit(request(loop))
+    with pytest.raises(EngineStopped):
+        engine.reserve()
+
+
+def test_stop_answers_the_requests_still_waiting(parts, loop):
+    engine = engine_of(parts).start()
+    engine.stop()
+    assert engine.ended
+    with pytest.raises(EngineStopped):
+        engine.submit(request(loop))

@@ -343,3 +343,22 @@ def test_a_full_queue_answers_503_at_once(parts):
 async def _get(app, path):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         return await http.get(path)
+
+
+def test_a_stopped_engine_answers_503_and_health_says_so(parts):
+    from eve_vlm.serve.engine import Engine
+    from eve_vlm.serve.prompt import PromptBuilder
+    from eve_vlm.serve.server import create_app
+
+    model, processor, _ = parts
+    engine = Engine(model, processor.tokenizer, EngineConfig()).start()
+    engine.stop()
+    app = create_app(engine, PromptBuilder(processor, PromptLimits(context=256)), MODEL_ID)
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": user("red")})
+
+    refused = asyncio.run(post())
+    assert refused.status_code == 503 and "restart" in refused.json()["error"]["message"]
+    assert asyncio.run(_get(app, "/health")).status_code == 503
