@@ -1,1 +1,1 @@
-"""Serving: a chat command and (planned) an OpenAI-compatible server."""
+"""Serving: `eve chat` and the OpenAI-compatible `eve serve` (engine, prompt building, media, web page)."""

@@ -151,6 +151,12 @@ class EngineStats:
     largest_batch: int = 0
 
 
+def stop_cut(text: str, stops: tuple[str, ...]) -> str | None:
+    """`text` up to the first of the stop strings it contains, or None when it contains none."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else None
+
+
 class RowTracker(StoppingCriteria):
     """Follows every row of one `generate` call: decodes, streams, and says which rows are done."""
 
@@ -181,9 +187,9 @@ class RowTracker(StoppingCriteria):
             return
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
         stops = request.sampling.stop
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._emit(row, text[:cut])
+        cut = stop_cut(text, stops)
+        if cut is not None:
+            self._emit(row, cut)
             self.finish[row] = "stop"
             self._done(row)
             return
@@ -204,9 +210,8 @@ class RowTracker(StoppingCriteria):
     def _close(self, row: int, reason: str, text: str | None = None) -> None:
         if text is None:
             text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        stops = self.requests[row].sampling.stop
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        self._emit(row, text if cut < 0 else text[:cut])
+        cut = stop_cut(text, self.requests[row].sampling.stop)
+        self._emit(row, text if cut is None else cut)
         self.finish[row] = reason
         self._done(row)
 

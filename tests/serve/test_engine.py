@@ -125,3 +125,11 @@ def test_stop_answers_the_requests_still_waiting(parts, loop):
     assert engine.ended
     with pytest.raises(EngineStopped):
         engine.submit(request(loop))
+
+
+def test_stop_cut():
+    from eve_vlm.serve.engine import stop_cut
+
+    assert stop_cut("red blue w1", ("blue", " w1")) == "red "
+    assert stop_cut("red", ("blue",)) is None
+    assert stop_cut("red", ()) is None
