@@ -239,6 +239,8 @@ BAD_REQUESTS = [
         400,
         "temperature",
     ),
+    ("seed too large", {"model": MODEL_ID, "messages": user("x"), "seed": 2**64}, 400, "seed"),
+    ("seed too small", {"model": MODEL_ID, "messages": user("x"), "seed": -(2**63) - 1}, 400, "seed"),
     ("five stops", {"model": MODEL_ID, "messages": user("x"), "stop": list("abcde")}, 400, "stop"),
     ("image marker typed", {"model": MODEL_ID, "messages": user("<image> what")}, 400, "messages[0].content"),
 ]
