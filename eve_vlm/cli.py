@@ -12,7 +12,7 @@ from eve_vlm.errors import EveError
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.serve.chat import add_chat_parser
-from eve_vlm.serve.server import add_serve_parser
+from eve_vlm.serve.command import add_serve_parser
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -88,6 +88,9 @@ def _run(args) -> None:
         image = load_image(args.image) if args.image else None
         print(answer(model, processor, question, image, args.max_new_tokens, args.system))
         return
+    from eve_vlm.serve.command import require_serve_extra
+
+    require_serve_extra("the interactive eve chat", ("pydantic", "httpx") if args.url else ("pydantic",))
     from eve_vlm.serve.session import ChatSession, LocalBackend, RemoteBackend
 
     if args.url is not None:
