@@ -26,7 +26,16 @@ def add_lora(language_model: nn.Module, options: dict) -> LoraConfig:
 
     Args:
         options: `peft.LoraConfig` fields, e.g. `{"r": 16, "lora_alpha": 32, "target_modules": [...]}`.
+
+    Raises:
+        ConfigError: A bad option, or DoRA (`use_dora`): the per-sequence text path (`adapters_per_row`) needs
+            peft's mixed-batch forward, which DoRA layers do not have.
     """
+    if options.get("use_dora"):
+        raise ConfigError(
+            "DoRA (use_dora) is not supported: a batch mixing text-only and image sequences switches the "
+            "adapters per sequence with peft's mixed-batch forward, which DoRA lacks. Use plain LoRA."
+        )
     try:
         config = LoraConfig(**options)
     except TypeError as err:

@@ -3,10 +3,12 @@ loaded as ordinary weights, mergeable into a dense model."""
 
 import copy
 
+import pytest
 import torch
 from conftest import image_batch, text_batch, tiny_model
 from transformers import AutoModelForCausalLM
 
+from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveForConditionalGeneration
 from eve_vlm.model.lora import lora_layers
 
@@ -142,3 +144,10 @@ def test_nested_adapters_disabled_keeps_the_outer_state():
             pass
         assert all(layer.disable_adapters for layer in layers)
     assert not any(layer.disable_adapters for layer in layers)
+
+
+def test_dora_is_refused():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="DoRA"):
+        model.add_lora(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    assert model.config.lora is None and not lora_layers(model.language_model)
