@@ -296,12 +296,23 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         image. A batch without images runs with them switched off; a batch mixing text-only and image
         sequences applies them per row (`adapters_per_row`), so a text-only row gets the base LLM's output
         whatever its batch-mates. The LoRA layers inside EVF modules are left to the EVF, which calls them on
-        regrouped tokens and runs its text rows with their adapters off."""
+        regrouped tokens and runs its text rows with their adapters off.
+
+        Training on a mixed batch under activation checkpointing is refused: the per-row switch lives only
+        during this forward, so the recomputation in backward would run LoRA on every row. `eve train` never
+        forms such batches (`ModalityLengthGroupedSampler` yields single-modality batches)."""
         if self.config.lora is None or bool(has_image.all()):
             return nullcontext()
         layers = lora_layers(self.language_model)
         if not bool(has_image.any()):
             return adapters_disabled(layers)
+        if self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            raise ConfigError(
+                "A training batch mixes text-only and image sequences on a LoRA model with activation "
+                "checkpointing on; the recomputed forward could not keep LoRA off for the text-only rows. "
+                "Batch by modality (eve train's ModalityLengthGroupedSampler does) or turn "
+                "gradient_checkpointing off."
+            )
         in_evf = {id(layer) for evf in self.evf_layers.values() for layer in lora_layers(evf)}
         return adapters_per_row([layer for layer in layers if id(layer) not in in_evf], has_image)
 

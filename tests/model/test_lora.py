@@ -151,3 +151,28 @@ def test_dora_is_refused():
     with pytest.raises(ConfigError, match="DoRA"):
         model.add_lora(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
     assert model.config.lora is None and not lora_layers(model.language_model)
+
+
+def test_mixed_training_batch_under_activation_checkpointing_is_refused():
+    """The per-row LoRA switch lasts one forward; a checkpointed recomputation would run LoRA on every row."""
+    model, _ = lora_model()
+    model.train()
+    model.activation_checkpointing_enable()
+    ids, mask, pixels, _, _ = mixed_batch(model.config)
+    with pytest.raises(ConfigError, match="activation checkpointing"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with torch.no_grad():  # inference: nothing is recomputed
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    image_ids, image_pixels = image_batch(model.config)  # single-modality batches train as before
+    model(input_ids=image_ids, pixel_values=image_pixels, labels=image_ids).loss.backward()
+
+
+def test_training_batches_are_single_modality():
+    """What `eve train` relies on for the refusal above never to trigger."""
+    from eve_vlm.data.collator import ModalityLengthGroupedSampler
+
+    is_image = [i % 3 == 0 for i in range(23)]
+    sampler = ModalityLengthGroupedSampler(list(range(23)), is_image, batch_size=4, seed=1)
+    order = list(sampler)
+    for start in range(0, len(order), 4):
+        assert len({is_image[i] for i in order[start : start + 4]}) == 1
