@@ -17,7 +17,6 @@ from PIL import Image
 
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
-from eve_vlm.model.folder import check_eve_folder
 
 
 def build_prompt(processor: EveProcessor, question: str, with_image: bool, system: str | None = None) -> str:
@@ -60,11 +59,37 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("--url", help="talk to a running `eve serve` at this address instead of loading a model")
     p.add_argument("--image", help="image file (one-shot form)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="interactive form: 0 = greedy (default)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="interactive form: 0 = greedy (default) to 2; the one-shot form is greedy",
+    )
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16 (not with --url)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (not with --url)")
     p.set_defaults(func=_run)
+
+
+def check_options(args, question: str | None) -> None:
+    """Refuses options the chosen form would ignore, and bad values, before anything is loaded."""
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1.")
+    if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
+        raise ConfigError(f"--temperature must be between 0 and 2, got {args.temperature}.")
+    if question is not None:
+        if args.url is not None:
+            raise ConfigError("The one-shot form needs a model folder; use the interactive form with --url.")
+        if args.temperature not in (None, 0.0):
+            raise ConfigError("The one-shot form is greedy; --temperature is for the interactive form.")
+        return
+    if args.image is not None:
+        raise ConfigError(
+            "--image is for the one-shot form (with a question); in the session use /image PATH."
+        )
+    if args.url is not None:
+        given = [name for name in ("dtype", "threads") if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"--{given[0]} does not apply with --url: the server loaded the model.")
 
 
 def _run(args) -> None:
@@ -77,14 +102,12 @@ def _run(args) -> None:
             )
         model_dir = words.pop(0)
     question = " ".join(words) if words else None
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1.")
+    check_options(args, question)
     if question is not None:
-        if model_dir is None:
-            raise ConfigError("The one-shot form needs a model folder; use the interactive form with --url.")
-        check_eve_folder(model_dir)
-        model = EveForConditionalGeneration.from_pretrained(model_dir).eval()
-        processor = EveProcessor.from_pretrained(model_dir)
+        from eve_vlm.serve.loading import load_model, set_threads
+
+        set_threads(args.threads)
+        model, processor = load_model(model_dir, args.dtype or "float32")
         image = load_image(args.image) if args.image else None
         print(answer(model, processor, question, image, args.max_new_tokens, args.system))
         return
@@ -96,7 +119,7 @@ def _run(args) -> None:
     if args.url is not None:
         backend = RemoteBackend(args.url)
     else:
-        backend = LocalBackend.load(model_dir, args.dtype, args.threads)
-    options = {"max_tokens": args.max_new_tokens, "temperature": args.temperature}
+        backend = LocalBackend.load(model_dir, args.dtype or "float32", args.threads)
+    options = {"max_tokens": args.max_new_tokens, "temperature": args.temperature or 0.0}
     with backend:
         ChatSession(backend, options, args.system).run()

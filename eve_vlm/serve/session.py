@@ -51,7 +51,7 @@ class LocalBackend:
         self.engine.stop()
 
     def stream(self, messages: list[dict], options: dict) -> Iterator[str]:
-        from eve_vlm.serve.engine import Delta, Done, Request, Sink
+        from eve_vlm.serve.engine import Delta, Done, EngineBusy, EngineStopped, Request, Sink
         from eve_vlm.serve.protocol import ApiError, ChatCompletionRequest
 
         try:
@@ -64,9 +64,14 @@ class LocalBackend:
         except ValidationError as err:
             raise ChatError(str(err.errors()[0]["msg"])) from None
         loop = asyncio.new_event_loop()
+        sink = Sink(loop)
         try:
-            sink = Sink(loop)
-            self.engine.submit(Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink))
+            try:
+                self.engine.submit(
+                    Request(prepared.input_ids, prepared.pixel_values, prepared.sampling, sink)
+                )
+            except (EngineBusy, EngineStopped):
+                raise ChatError("The model engine is not running.") from None
             while True:
                 event = loop.run_until_complete(sink.events.get())
                 if isinstance(event, Delta):
@@ -76,6 +81,7 @@ class LocalBackend:
                 else:
                     raise ChatError(event.message)
         finally:
+            sink.cancel()  # an answer left unfinished (Ctrl-C) stops decoding
             loop.close()
 
 
@@ -132,11 +138,17 @@ def image_part(path: str) -> dict:
     """An `image_url` part with the file as a data URL.
 
     Raises:
-        DataError: The file is missing or not an image.
+        DataError: The file is missing, not an image, or in a format `eve serve` does not accept.
     """
+    from PIL import Image
+
     from eve_vlm.serve.chat import load_image
+    from eve_vlm.serve.media import FORMATS
 
     load_image(path)  # a clear error now rather than from the server
+    with Image.open(path) as img:
+        if img.format not in FORMATS:
+            raise DataError(f"Image format {img.format} is not accepted; give a {', '.join(FORMATS)} file.")
     kind = Path(path).suffix.lower().lstrip(".") or "png"
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return {
@@ -167,6 +179,13 @@ class ChatSession:
         print(text, end=end, file=self.out, flush=True)
 
     def run(self) -> None:
+        """The loop; end of input, /exit or Ctrl-C ends it."""
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            self.say()
+
+    def _loop(self) -> None:
         self.say(HELP)
         while True:
             try:
@@ -204,6 +223,9 @@ class ChatSession:
                 self.say(piece, end="")
         except ChatError as err:
             self.say(("\n" if pieces else "") + f"error: {err}")
+            if self.images:  # a refused image would make every later turn fail
+                self.images = []
+                self.say("(the attached image was dropped; attach it again with /image)")
             return
         self.say()
         self.history += [message, {"role": "assistant", "content": "".join(pieces)}]

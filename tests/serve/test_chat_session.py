@@ -7,7 +7,7 @@ import pytest
 from tiny_server import live_server, tiny_parts
 
 from eve_vlm.cli import main
-from eve_vlm.serve.session import ChatSession, LocalBackend, RemoteBackend
+from eve_vlm.serve.session import ChatError, ChatSession, LocalBackend, RemoteBackend
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,59 @@ def test_cli_forms_and_errors(saved, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert main(["chat", "--url", "http://127.0.0.1:9"]) == 2
     assert "no eve serve answers there" in capsys.readouterr().err
+    assert main(["chat", str(path), "--image", str(path / "img.png")]) == 2
+    assert "/image" in capsys.readouterr().err
+    assert main(["chat", "--url", "http://127.0.0.1:9", "--dtype", "bfloat16"]) == 2
+    assert "--dtype does not apply with --url" in capsys.readouterr().err
+    assert main(["chat", "--url", "http://127.0.0.1:9", "--threads", "2"]) == 2
+    assert "--threads does not apply with --url" in capsys.readouterr().err
+    assert main(["chat", str(path), "--temperature", "5"]) == 2
+    assert "--temperature must be between 0 and 2" in capsys.readouterr().err
+    assert main(["chat", str(path), "what", "--temperature", "0.7"]) == 2
+    assert "greedy" in capsys.readouterr().err
     assert main(["serve", str(path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(path), "--dtype", "float64"]) == 2
     assert "--dtype" in capsys.readouterr().err
     assert main(["serve", str(path), "--max-batch-size", "0"]) == 2
     assert "--max-batch-size" in capsys.readouterr().err
+
+
+class RefusingBackend:
+    """A server that refuses every message (as `eve serve` refuses an image it cannot use)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def stream(self, messages, options):
+        self.seen.append(messages[-1]["content"])
+        raise ChatError("bad image (HTTP 400)")
+        yield
+
+
+class InterruptedBackend:
+    def stream(self, messages, options):
+        yield "partial"
+        raise KeyboardInterrupt
+
+
+def test_an_unaccepted_or_refused_image_is_not_kept(saved, tmp_path):
+    from PIL import Image
+
+    bmp = tmp_path / "img.bmp"
+    Image.new("RGB", (8, 8)).save(bmp)
+    backend = RefusingBackend()
+    session, out = run_session(backend, [f"/image {bmp}", f"/image {saved[0] / 'img.png'}", "a", "b"])
+    assert "Image format BMP is not accepted" in out
+    assert "image was dropped" in out
+    assert isinstance(backend.seen[0], list) and backend.seen[1] == "b"  # the second turn has no image
+    assert session.images == []
+
+
+def test_ctrl_c_ends_the_session_quietly():
+    def interrupted(prompt):
+        raise KeyboardInterrupt
+
+    ChatSession(RefusingBackend(), {}, out=io.StringIO(), read=interrupted).run()
+    session, out = run_session(InterruptedBackend(), ["hello", "never read"])
+    assert "partial" in out and "never read" not in out
