@@ -232,9 +232,7 @@ def place_image_marker(turns: list[dict], has_image: bool) -> None:
         turns[first_human]["value"] = IMAGE_MARKER + "\n" + turns[first_human]["value"]
 
 
-def parse_row(
-    record: object, line: int, source: DataSource, check_images: bool | str
-) -> ConversationRow:
+def parse_row(record: object, line: int, source: DataSource, check_images: bool | str) -> ConversationRow:
     """Validates one record into a `ConversationRow`.
 
     Raises:
