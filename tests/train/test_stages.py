@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.train.recipe import load_recipe
-from eve_vlm.train.stages import build_dataset, build_model, run_stage
+from eve_vlm.train.stages import build_dataset, build_model, collator, run_stage
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20)}
 
@@ -88,6 +88,8 @@ def recipe(parts, tmp_path, stage, evf=None, **training):
             ],
             "template": "plain" if stage == 1 else "chat",
             "max_length": 64,
+            "cache_dir": str(tmp_path / "data-cache"),
+            "num_proc": 1,
         },
         "trainable": {
             1: [{"pattern": r"^projector\."}],
@@ -146,6 +148,54 @@ def test_bad_rows_are_counted_before_the_first_step_and_too_many_refuse_the_stag
     assert any(
         "skipped 2 bad row(s), 25.00% of the rows" in line and "missing-2.png" in line for line in lines
     )
+
+
+def test_the_data_is_encoded_once_and_read_from_the_cache_after(parts, tmp_path):
+    spec = recipe(parts, tmp_path, 2)
+    model, processor = build_model(recipe(parts, tmp_path, 1))
+    cold, warm = [], []
+    first = build_dataset(spec, processor, model.config, log=cold.append)
+    second = build_dataset(spec, processor, model.config, log=warm.append)
+    assert any(line.startswith("data cache: encoding 56 rows") for line in cold)
+    assert not any("encoding" in line for line in warm) and any(
+        "data cache: reading" in line for line in warm
+    )
+    summary = next(line for line in warm if line.startswith("data: "))
+    assert (
+        "56 rows (48 with an image, 8 text-only), 0 skipped" in summary
+        and str(tmp_path / "data-cache") in summary
+    )
+    assert len(first) == len(second) == 56 and first.lengths == second.lengths
+    assert sum(first.lengths) > 48 * model.config.num_image_tokens
+    batch = collator(processor, model.config)([second[0], second[1]])
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * model.config.num_image_tokens
+
+
+def corrupt_caption_recipe(parts, tmp_path, on_bad_row):
+    rows = json.loads((parts / "captions.json").read_text())[:8]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    rows[3] = {**rows[3], "image": str(tmp_path / "broken.png")}
+    (tmp_path / "captions.json").write_text(json.dumps(rows))
+    spec = recipe(parts, tmp_path, 1, max_steps=2, per_device_train_batch_size=8)
+    spec.data.sources[0].path = str(tmp_path / "captions.json")
+    spec.data.on_bad_row = on_bad_row
+    spec.data.check_images = "exists"
+    return spec
+
+
+def test_a_corrupt_image_met_in_training_is_skipped_and_counted(parts, tmp_path):
+    lines = []
+    summary = run_stage(corrupt_caption_recipe(parts, tmp_path, "skip"), log=lines.append)
+    assert summary["steps"] == 2 and summary["skipped_rows"] == 0
+    assert summary["bad_images_in_training"] == 2  # met once per step: every step sees all 8 rows
+    assert any("whose image failed to load" in line for line in lines)
+
+
+def test_a_corrupt_image_met_in_training_stops_naming_file_and_row_under_raise(parts, tmp_path):
+    with pytest.raises(
+        DataError, match=r"captions\.json, line 4, row id 'c3': image .*broken\.png cannot be loaded"
+    ):
+        run_stage(corrupt_caption_recipe(parts, tmp_path, "raise"), log=lambda line: None)
 
 
 def test_three_stages(parts, tmp_path):
