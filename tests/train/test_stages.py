@@ -371,3 +371,72 @@ def test_torchrun_ddp_two_processes(parts, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "eve_training.json").read_text())
     assert summary["steps"] == 3
     EveForConditionalGeneration.from_pretrained(tmp_path / "ddp")
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from transformers import TrainerCallback
+from eve_vlm.train.recipe import load_recipe
+from eve_vlm.train.stages import run_stage
+
+
+class RecordBatches(TrainerCallback):
+    def __init__(self):
+        self.batches = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.batches = [list(map(int, b)) for b in train_dataloader.batch_sampler]
+
+
+lines, record = [], RecordBatches()
+run_stage(load_recipe(sys.argv[1], sys.argv[3:]), log=lines.append, callbacks=[record])
+with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"log": lines, "batches": record.batches}, f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(parts, tmp_path):
+    """Under `torchrun --nproc_per_node 2` (gloo, CPU) only the main process encodes, the other reads the
+    cache; both see the same number of batches, of different rows; the resumed run encodes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    recipe(parts, tmp_path, 2, max_steps=2, save_steps=2, per_device_train_batch_size=4)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def torchrun(tag, *overrides):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+        ]
+        cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / tag), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads((tmp_path / f"{tag}-rank{r}.json").read_text()) for r in (0, 1)]
+
+    def cache_lines(ranks, word):
+        return [any(line.startswith(f"data cache: {word}") for line in rank["log"]) for rank in ranks]
+
+    first = torchrun("first")
+    assert cache_lines(first, "encoding") == [True, False]
+    assert cache_lines(first, "reading") == [False, True]
+    batches = [rank["batches"] for rank in first]
+    assert len(batches[0]) == len(batches[1]) > 0
+    assert batches[0] != batches[1] and set(sum(batches[0], [])) != set(sum(batches[1], []))
+    assert len(list((tmp_path / "data-cache").iterdir())) == 2  # stage 1's captions, stage 2's conversations
+
+    resumed = torchrun("resumed", "training.max_steps=3")
+    assert cache_lines(resumed, "encoding") == [False, False]
+    assert cache_lines(resumed, "reading") == [True, True]
+    assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in resumed[0]["log"])
+    assert json.loads((tmp_path / "stage2" / "eve_training.json").read_text())["steps"] == 3
