@@ -1,7 +1,9 @@
 """Dataset, batch collator and modality-grouped sampler for training on LLaVA-format conversations.
 
-- `LlavaDataset` encodes every row up front with a `ConversationEncoder`, so bad rows are found (and, with
-  `on_bad_row="skip"`, counted) before the first step, and exposes `lengths` / `is_image` for the sampler.
+- `LlavaDataset` encodes every row up front with a `ConversationEncoder`, in memory, so bad rows are found
+  (and, with `on_bad_row="skip"`, counted) before the first step, and exposes `lengths` / `is_image` for the
+  sampler. Training reads `cache.CachedDataset` instead (encoded once, on disk); this one is the reference
+  the cache is tested against.
 - `EveCollator` right-pads a batch (`input_ids` with the pad id, `labels` with -100) and loads the images of
   the rows that have one, in order, as `pixel_values` (or stacks the ones the dataset loaded). Given
   `image_token_id`, it expands each image placeholder to `num_image_tokens` ids first: the data cache
