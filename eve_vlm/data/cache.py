@@ -62,7 +62,7 @@ from eve_vlm.data.llava import (
 )
 from eve_vlm.errors import ConfigError, DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
 COLUMNS = ("tokens", "label_mask", "offsets", "lengths", "has_image", "source", "line")
 STRINGS = ("image", "id")
@@ -165,10 +165,12 @@ def encode_shard(job: BuildJob, shard: Shard, progress: Callable[[int], None], s
         for k in range(shard.start, shard.end):
             index, line, record, parse_error = job.tasks[k]
             source = job.sources[index]
+            step = "parse"
             try:
                 if parse_error is not None:
                     raise ValueError(parse_error)
                 row = parse_row(record, line, source, job.check_images)
+                step = "encode"
                 try:
                     ex = job.encoder.encode_compact(row)
                 except DataError as e:
@@ -178,7 +180,7 @@ def encode_shard(job: BuildJob, shard: Shard, progress: Callable[[int], None], s
                 if job.on_bad_row == "raise":
                     error = dataclasses.asdict(item)
                     break
-                bad.append(dataclasses.asdict(item))
+                bad.append({**dataclasses.asdict(item), "source_index": index, "step": step})
             else:
                 ids = np.asarray(ex.input_ids, dtype=np.int32)
                 labels = np.asarray(ex.labels, dtype=np.int64)
@@ -337,6 +339,11 @@ def build_cache(
         raise
 
 
+def as_bad_row(bad: dict) -> BadRow:
+    """A manifest's skipped-row entry as a `BadRow`."""
+    return BadRow(source=bad["source"], line=bad["line"], id=bad["id"], reason=bad["reason"])
+
+
 class CachedRows:
     """Read-only view of one cache folder; the arrays are memory-mapped on first use (and again after
     unpickling in a worker process, so pickling never copies them)."""
@@ -376,7 +383,8 @@ class CachedRows:
 
     @property
     def skipped(self) -> list[BadRow]:
-        return [BadRow(**bad) for bad in self.manifest["skipped"]]
+        """Every row the build skipped, in data order."""
+        return [as_bad_row(bad) for bad in self.manifest["skipped"]]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
@@ -392,6 +400,7 @@ class CachedDataset(Dataset):
             carries its own `pixel_values` `(3, H, W)` and a bad image is handled here (see `on_bad_row`).
         on_bad_row: For an image that fails to load: "raise" a `DataError` naming the file, row and image;
             "skip" logs it and returns the next image row instead, with `bad_images` counting the skipped.
+        skipped: The bad rows to report (default: every row the build skipped).
     """
 
     def __init__(
@@ -401,6 +410,7 @@ class CachedDataset(Dataset):
         *,
         image_loader: Callable[[list[str]], torch.Tensor] | None = None,
         on_bad_row: str = "raise",
+        skipped: list[BadRow] | None = None,
     ):
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"on_bad_row={on_bad_row!r}; use one of {ON_BAD_ROW}")
@@ -408,7 +418,7 @@ class CachedDataset(Dataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_loader = image_loader
         self.on_bad_row = on_bad_row
-        self.skipped = rows.skipped
+        self.skipped = rows.skipped if skipped is None else skipped
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -459,16 +469,35 @@ class CachedDataset(Dataset):
         )
 
 
-def weighted_indices(rows: CachedRows, sources: list[DataSource], seed: int) -> np.ndarray:
-    """Cache row of each example: each source's rows repeated and subset by its weight, as `load_rows`."""
+def weighted_indices(
+    rows: CachedRows, sources: list[DataSource], seed: int
+) -> tuple[np.ndarray, list[BadRow]]:
+    """Cache row of each example, and the bad rows to report, picked exactly as `load_rows` followed by
+    `LlavaDataset` pick them: each source's weight is applied to its rows that parse (those that then fail
+    to encode included, in file order, with the same generator), and the rows that fail to encode are
+    dropped afterwards; such a row is reported only when the weight picked it, a row that does not parse
+    always."""
     counts = rows.manifest["rows_per_source"]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-    out = []
+    lines = rows.column("line")
+    entries = rows.manifest["skipped"]
+    out, failed_to_encode = [], []
     for index, source in enumerate(sources):
         check_weight(source)
-        own = list(range(starts[index], starts[index + 1]))
-        out += apply_weight(own, source.weight, source_rng(seed, index, source))
-    return np.asarray(out, dtype=np.int64)
+        # (line, cache row or -1 - position in the manifest's skipped list)
+        parsed = [(int(lines[k]), k) for k in range(starts[index], starts[index + 1])]
+        parsed += [
+            (bad["line"], -1 - n)
+            for n, bad in enumerate(entries)
+            if bad["source_index"] == index and bad["step"] == "encode"
+        ]
+        parsed.sort()
+        picked = apply_weight([k for _, k in parsed], source.weight, source_rng(seed, index, source))
+        out += [k for k in picked if k >= 0]
+        failed_to_encode += sorted({-1 - k for k in picked if k < 0})
+    skipped = [as_bad_row(bad) for bad in entries if bad["step"] == "parse"]
+    skipped += [as_bad_row(entries[n]) for n in failed_to_encode]
+    return np.asarray(out, dtype=np.int64), skipped
 
 
 @dataclass
@@ -522,7 +551,6 @@ def prepare_cache(
         raise DataError(f"{folder}/{MANIFEST} does not match its folder name; delete {folder} to rebuild it.")
     if on_bad_row == "raise" and rows.skipped:
         raise bad_row_error(rows.skipped[0])
-    dataset = CachedDataset(
-        rows, weighted_indices(rows, sources, seed), image_loader=image_loader, on_bad_row=on_bad_row
-    )
+    indices, skipped = weighted_indices(rows, sources, seed)
+    dataset = CachedDataset(rows, indices, image_loader=image_loader, on_bad_row=on_bad_row, skipped=skipped)
     return PreparedData(dataset=dataset, folder=folder, built=built, seconds=time.time() - start)

@@ -164,6 +164,25 @@ def test_weights_and_seed_reuse_the_cache_and_pick_rows_like_load_rows(tmp_path)
         assert got == want
 
 
+@pytest.mark.parametrize(
+    ("weight", "seed"), [(0.5, 0), (0.5, 3), (1.0, 0), (1.5, 1), (2.0, 0), (2.7, 2), (0.0, 0)]
+)
+def test_weighted_rows_and_bad_rows_match_encoding_on_the_fly_when_rows_fail(tmp_path, weight, seed):
+    write_rows(tmp_path, n=40)
+    (tmp_path / "images" / "5.png").unlink()  # fails parsing (image check); long rows fail encoding
+    source = DataSource(str(tmp_path / "train.jsonl"), str(tmp_path / "images"), weight)
+    other = DataSource(str(tmp_path / "train.jsonl"), str(tmp_path / "images"), 1.0)
+    enc = encoder()
+    loaded = load_rows([source, other], on_bad_row="skip", seed=seed, check_images="exists")
+    fly = LlavaDataset(loaded.rows, enc, on_bad_row="skip")
+    cached = prepare(tmp_path, [source, other], enc, seed=seed).dataset
+    assert [ex.id for ex in fly.examples] == [cached.rows.string("id", k) for k in cached.indices]
+    assert cached.lengths == fly.lengths
+    want_skipped = loaded.skipped + fly.skipped
+    assert sum(bad.reason.startswith("image") for bad in want_skipped) == 2 < len(want_skipped)
+    assert [(bad.line, bad.id) for bad in cached.skipped] == [(bad.line, bad.id) for bad in want_skipped]
+
+
 def test_a_failed_build_leaves_nothing_behind_and_names_the_row(tmp_path):
     source = write_rows(tmp_path, n=12)
     (tmp_path / "images" / "5.png").unlink()
