@@ -20,7 +20,8 @@ Features:
   the next image row instead and counts it in the example (`bad_images`, summed per batch by the collator).
 
 Multi-process runs call `prepare_cache` inside `TrainingArguments.main_process_first`: the main process
-builds, the others wait and then find the folder complete (see `eve_vlm/train/stages.py`). Follows HF
+builds, the others wait and then read the folder with `build=False`, so when the main process fails they stop
+with a `DataError` pointing at its error instead of building again (see `eve_vlm/train/stages.py`). Follows HF
 `datasets`' pattern (fingerprinted cache files, `map(num_proc=...)`, memory-mapped Arrow), with plain numpy
 arrays: a token table needs only flat int32/uint8 columns and offsets, and numpy is already a core dependency.
 """
@@ -521,13 +522,19 @@ def prepare_cache(
     num_proc: int = 1,
     image_loader: Callable[[list[str]], torch.Tensor] | None = None,
     log_line: Callable[[str], None] = print,
+    build: bool = True,
 ) -> PreparedData:
     """The cached, weighted data set of `sources`: read from `cache_dir` when a cache with the same key is
     there, else built into it first.
 
+    Args:
+        build: False in a process that waited for the main process to prepare the cache: it never builds,
+            and a cache that is not there means the main process failed.
+
     Raises:
         DataError: for a missing or unparsable data file, or (on_bad_row="raise") the first bad row, naming
-            the file, line and row id; also when a cache built with `skip` holds bad rows.
+            the file, line and row id; also when a cache built with `skip` holds bad rows, and (with
+            `build=False`) when the cache is not there.
         ConfigError: for an unknown `check_images` or `on_bad_row`, a bad weight or `num_proc` < 1.
     """
     if on_bad_row not in ON_BAD_ROW:
@@ -540,6 +547,11 @@ def prepare_cache(
     key = cache_key(sources, encoder, image_check_mode(check_images))
     folder = Path(cache_dir) / key_digest(key)
     built = not (folder / MANIFEST).is_file()
+    if built and not build:
+        raise DataError(
+            f"The main process failed to prepare the data cache {folder} (see its error above); this "
+            "process waited for it and does not build it again."
+        )
     if built:
         build_cache(
             folder, key, sources, encoder, on_bad_row=on_bad_row, num_proc=num_proc, log_line=log_line

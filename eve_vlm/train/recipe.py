@@ -244,6 +244,8 @@ class TrainingSpec:
         gradient_checkpointing: Recompute activations in backward.
         report_to: `none`, `tensorboard`, ...
         dataloader_num_workers: Data-loading worker processes.
+        ddp_timeout: Seconds a process of a multi-process run waits for the others, e.g. while the main
+            process prepares the data cache.
         resume_from_checkpoint: `auto` resumes from the newest checkpoint in output_dir if any; a path; or null.
     """
 
@@ -264,6 +266,7 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     dataloader_num_workers: int = 0
+    ddp_timeout: int = 1800
     resume_from_checkpoint: str | None = "auto"
 
 

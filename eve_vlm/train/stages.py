@@ -123,12 +123,15 @@ def build_dataset(
     config: EveConfig,
     log=print,
     main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+    is_main_process: bool = True,
 ) -> CachedDataset:
     """The recipe's data from the data cache, prepared first when the cache has no copy (see `cache.py`).
 
     Args:
         main_process_first: A context in which the main process runs first while the others wait (e.g.
             `TrainingArguments.main_process_first`), so only the main process encodes.
+        is_main_process: Whether this process prepares the cache; the others only read it, and stop with a
+            `DataError` when the main process failed to prepare it.
     """
     data = recipe.data
     sources = [
@@ -157,6 +160,7 @@ def build_dataset(
             num_proc=data.num_proc or min(os.cpu_count() or 1, 8),
             image_loader=processor.load_images,
             log_line=log,
+            build=is_main_process,
         )
     dataset = prepared.dataset
     log(data_summary(dataset, prepared))
@@ -235,6 +239,7 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=recipe.stage == 3,
         save_only_model=False,
+        ddp_timeout=t.ddp_timeout,
     )
 
 
@@ -313,8 +318,17 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     start = time.time()
     model, processor = build_model(recipe)
     args = training_arguments(recipe)
+    # The main process of each node prepares (a node-local cache_dir needs its own copy; on a shared one the
+    # first complete copy wins and the other nodes read it); the others wait up to training.ddp_timeout.
     first = partial(args.main_process_first, local=True, desc="data cache")
-    dataset = build_dataset(recipe, processor, model.config, log=log, main_process_first=first)
+    dataset = build_dataset(
+        recipe,
+        processor,
+        model.config,
+        log=log,
+        main_process_first=first,
+        is_main_process=args.local_process_index == 0,
+    )
     matches = apply_trainable_rules(model, recipe.trainable, recipe.expect_trainable, log=log)
     if not text_path_trains(model) and (dropped := dataset.drop_text_only()):
         log(

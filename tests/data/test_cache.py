@@ -202,6 +202,19 @@ def test_a_failed_build_leaves_nothing_behind_and_names_the_row(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.folder.name]
 
 
+def test_a_process_that_waited_for_the_main_one_never_builds(tmp_path):
+    source = write_rows(tmp_path, n=12)
+    (tmp_path / "images" / "5.png").unlink()
+    with pytest.raises(DataError, match="line 6, row id 'r5'"):  # the main process fails
+        prepare(tmp_path, [source], encoder(max_length=200), on_bad_row="raise")
+    with pytest.raises(DataError, match=r"main process failed to prepare the data cache .*see its error"):
+        prepare(tmp_path, [source], encoder(max_length=200), on_bad_row="raise", build=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+    built = prepare(tmp_path, [source], encoder(max_length=200))
+    read = prepare(tmp_path, [source], encoder(max_length=200), build=False)
+    assert not read.built and read.folder == built.folder and len(read.dataset) == len(built.dataset)
+
+
 def test_check_images_none_exists_decode(tmp_path):
     source = write_rows(tmp_path, n=12, corrupt={4})
     (tmp_path / "images" / "5.png").unlink()
