@@ -176,6 +176,8 @@ def encode_shard(job: BuildJob, shard: Shard, progress: Callable[[int], None], s
                     ex = job.encoder.encode_compact(row)
                 except DataError as e:
                     raise ValueError(str(e).removeprefix(f"{row_where(row)}: ").removesuffix(".")) from e
+                except Exception as e:  # e.g. jinja2's TemplateError from a template's raise_exception
+                    raise ValueError(f"the row does not render or tokenise ({type(e).__name__}: {e})") from e
             except ValueError as e:
                 item = BadRow(source=source.path, line=line, id=row_id(record, source, line), reason=str(e))
                 if job.on_bad_row == "raise":
@@ -237,7 +239,10 @@ def run_shards(job: BuildJob, shards: list[Shard], bar: tqdm) -> None:
             p.join()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} data-cache build process(es) failed (exit codes {failed}).")
+        raise DataError(
+            f"{len(failed)} data-cache build process(es) died (exit codes {failed}; -9 is usually the "
+            "out-of-memory killer); see the output above, or set data.num_proc: 1 to build in this process."
+        )
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -308,8 +313,14 @@ def build_cache(
     for index, source in enumerate(sources):
         tasks += [(index, line, record, err) for line, record, err in read_records(source.path)]
     job = BuildJob(sources, tasks, encoder, key["check_images"], on_bad_row)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+    except OSError as e:
+        raise ConfigError(
+            f"The data cache folder {folder.parent} cannot be written ({e.strerror}); set data.cache_dir in "
+            "the recipe to a writable folder (default: $EVE_HOME/data-cache)."
+        ) from e
     try:
         count = max(1, min(num_proc, len(tasks) // PROGRESS_EVERY or 1))
         bounds = np.linspace(0, len(tasks), count + 1).astype(int)

@@ -9,12 +9,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import CHATML, tiny_tokenizer
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from eve_vlm.data import ConversationEncoder, DataSource, EveCollator, LlavaDataset, load_rows
 from eve_vlm.data.cache import CachedRows, prepare_cache
-from eve_vlm.errors import DataError
+from eve_vlm.errors import ConfigError, DataError, user_message
 
 N_IMG = 4
 WORDS = ["what", "is", "the", "colour", "of", "shape", "a", "red", "blue", "circle", "square", "yes", "no"]
@@ -213,6 +214,44 @@ def test_a_process_that_waited_for_the_main_one_never_builds(tmp_path):
     built = prepare(tmp_path, [source], encoder(max_length=200))
     read = prepare(tmp_path, [source], encoder(max_length=200), build=False)
     assert not read.built and read.folder == built.folder and len(read.dataset) == len(built.dataset)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_row_the_chat_template_refuses_is_a_bad_row_named_by_file_line_and_id(tmp_path, num_proc):
+    rows = [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": w}, {"from": "gpt", "value": "yes"}]}
+        for i, w in enumerate(["what is it"] * 70 + ["a red circle"] + ["what is it"] * 70)
+    ]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tokenizer()
+    refuse = "{% for m in messages %}{% if 'circle' in m['content'] %}{{ raise_exception('no circles') }}"
+    tok.chat_template = refuse + "{% endif %}{% endfor %}" + CHATML
+    enc = encoder(tok, max_length=200)
+    with pytest.raises(DataError, match=r"text\.jsonl, line 71, row id 't70': .*TemplateError: no circles"):
+        prepare(tmp_path, [DataSource(str(path))], enc, num_proc=num_proc, on_bad_row="raise")
+    skipped = prepare(tmp_path, [DataSource(str(path))], enc, num_proc=num_proc).dataset.skipped
+    assert [(bad.line, bad.id) for bad in skipped] == [(71, "t70")] and "no circles" in skipped[0].reason
+
+
+def test_an_unwritable_cache_folder_is_a_config_error_naming_it_and_the_key(tmp_path):
+    source = write_rows(tmp_path, n=4)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"a-file/cache cannot be written .*set data\.cache_dir"):
+        prepare(tmp_path, [source], encoder(), cache_dir=tmp_path / "a-file" / "cache")
+
+
+def test_a_bad_image_in_a_loader_worker_reads_as_the_original_message(tmp_path):
+    source = write_rows(tmp_path, n=12, corrupt={4})
+    enc = encoder(max_length=200)
+    dataset = prepare(tmp_path, [source], enc, image_loader=loader, on_bad_row="raise").dataset
+    collator = EveCollator(0, loader, image_token_id=enc.image_token_id, num_image_tokens=N_IMG)
+    with pytest.raises(DataError) as caught:
+        list(DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collator))
+    assert "Original Traceback" in str(caught.value)
+    message = user_message(caught.value)
+    assert message.startswith(str(tmp_path)) and "Traceback" not in message
+    assert "line 5, row id 'r4': image" in message and message.endswith("before training).")
 
 
 def test_check_images_none_exists_decode(tmp_path):
