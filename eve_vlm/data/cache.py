@@ -14,7 +14,8 @@ Features:
   Skipped rows and their reasons are in `manifest.json`, so a warm start reports them too.
 - Building runs in `num_proc` forked processes, each on a contiguous share of the rows (parse, image check,
   render, tokenise, labels), with a progress bar (rows/s, ETA). The folder is built under a temporary name
-  next to its final place and renamed into it when complete, so a killed build leaves no half cache.
+  next to its final place, flushed to disk and renamed into it when complete, so a killed build leaves no
+  half cache; the next build removes what a killed one left (its process gone, or older than a day).
 - A bad image met while training (a corrupt file under `check_images: exists`) is handled by the dataset:
   `on_bad_row: raise` stops with a `DataError` naming the file, line, row id and image; `skip` logs it, takes
   the next image row instead and counts it in the example (`bad_images`, summed per batch by the collator).
@@ -35,6 +36,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -68,6 +70,8 @@ MANIFEST = "manifest.json"
 COLUMNS = ("tokens", "label_mask", "offsets", "lengths", "has_image", "source", "line")
 STRINGS = ("image", "id")
 MAX_IMAGE_RETRIES = 64
+BUILDING = ".building-"  # in the name of a folder being built: .<key>.building-<host>-<pid>-<random>
+STALE_BUILD_HOURS = 24
 PROGRESS_EVERY = 64
 log = logging.getLogger(__name__)
 
@@ -249,6 +253,45 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     np.save(path, np.ascontiguousarray(array))
 
 
+def fsync_folder(folder: Path, *, files: bool = True) -> None:
+    """Flushes the folder's entries, and (with `files`) the files directly in it, to disk."""
+    for path in folder.iterdir() if files else ():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(cache_dir: Path, log_line: Callable[[str], None]) -> None:
+    """Removes the folders of builds that were killed (SIGKILL, out of memory, a lost node): those whose
+    process on this host is gone, and any older than `STALE_BUILD_HOURS`."""
+    host = socket.gethostname().replace("-", "_")
+    for path in cache_dir.glob(f".*{BUILDING}*"):
+        owner = path.name.split(BUILDING, 1)[1].rsplit("-", 2)
+        try:
+            age_hours = (time.time() - path.stat().st_mtime) / 3600
+        except FileNotFoundError:
+            continue
+        gone = len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not pid_alive(int(owner[1]))
+        if gone or age_hours > STALE_BUILD_HOURS:
+            log_line(f"data cache: removing {path}, left by a build that did not finish")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def merge_shards(shards: list[Shard], out: Path) -> tuple[int, list[dict]]:
     """Concatenates the shards into the cache columns in `out`; returns the row count and skipped rows.
 
@@ -315,7 +358,9 @@ def build_cache(
     job = BuildJob(sources, tasks, encoder, key["check_images"], on_bad_row)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+        remove_stale_builds(folder.parent, log_line)
+        owner = f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}{BUILDING}{owner}"))
     except OSError as e:
         raise ConfigError(
             f"The data cache folder {folder.parent} cannot be written ({e.strerror}); set data.cache_dir in "
@@ -340,8 +385,10 @@ def build_cache(
             "build_seconds": round(time.time() - start, 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsync_folder(tmp)  # the arrays and manifest are on disk before the folder gets its final name
         try:
             os.rename(tmp, folder)
+            fsync_folder(folder.parent, files=False)
         except OSError:
             if not (folder / MANIFEST).is_file():
                 raise

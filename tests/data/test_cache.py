@@ -3,8 +3,12 @@ rows, one or two build processes); what invalidates it and what does not; atomic
 images under `raise` and `skip`; pickling without copying the arrays."""
 
 import json
+import os
 import pickle
 import random
+import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -252,6 +256,30 @@ def test_a_bad_image_in_a_loader_worker_reads_as_the_original_message(tmp_path):
     message = user_message(caught.value)
     assert message.startswith(str(tmp_path)) and "Traceback" not in message
     assert "line 5, row id 'r4': image" in message and message.endswith("before training).")
+
+
+def test_a_build_removes_what_killed_builds_left(tmp_path):
+    source = write_rows(tmp_path, n=4)
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname().replace("-", "_")
+    left = {
+        "dead": cache / f".aaa.building-{host}-{dead.pid}-x1",
+        "old": cache / ".bbb.building-elsewhere-1-x2",
+        "running": cache / f".ccc.building-{host}-{os.getpid()}-x3",
+        "recent": cache / ".ddd.building-elsewhere-1-x4",
+    }
+    for path in left.values():
+        (path / "shards").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    os.utime(left["old"], (day_ago, day_ago))
+    lines = []
+    built = prepare(tmp_path, [source], encoder(), log_line=lines.append)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [built.folder.name, left["running"].name, left["recent"].name]
+    )
+    assert sum("did not finish" in line for line in lines) == 2
 
 
 def test_check_images_none_exists_decode(tmp_path):
