@@ -2,11 +2,11 @@
 rank, data-loader worker, resumed run and later stage reads without encoding again.
 
 Features:
-- One cache folder per key: the data files (path and sha256 of the contents) and image folders, the image
-  check (`none` | `exists` | `decode`), the tokenizer (a digest of its saved files, chat template included),
-  the template, system prompt, max length, image token and image-token count. Changing any of them gives a
-  new folder; sampling weights and the seed only choose rows from it (`CachedDataset.indices`), so they do
-  not.
+- One cache folder per key: the versions of eve_vlm, transformers and tokenizers, the data files (path and
+  sha256 of the contents) and image folders, the image check (`none` | `exists` | `decode`), the tokenizer
+  (a digest of its saved files, chat template included), the template, system prompt, max length, image
+  token and image-token count. Changing any of them gives a new folder; sampling weights and the seed only
+  choose rows from it (`CachedDataset.indices`), so they do not.
 - What is stored, per kept row, in `.npy` files read with `np.load(mmap_mode="r")`: the token ids as int32
   with one placeholder per image (`EveCollator` expands it to `num_image_tokens`), a uint8 label mask
   (labels are the ids where it is 1, -100 elsewhere), the expanded length (for the length-grouped sampler,
@@ -98,6 +98,21 @@ def tokenizer_digest(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def encoder_versions() -> dict[str, str]:
+    """The versions of the code that encodes rows: eve_vlm, transformers (chat templates, tokenizer
+    classes) and tokenizers. An upgrade of any of them builds a new cache."""
+    import tokenizers
+    import transformers
+
+    import eve_vlm
+
+    return {
+        "eve_vlm": eve_vlm.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
 def cache_key(sources: list[DataSource], encoder: ConversationEncoder, check_images: str) -> dict:
     """Everything the cached rows depend on, as a JSON-able dict (written to the manifest).
 
@@ -118,6 +133,7 @@ def cache_key(sources: list[DataSource], encoder: ConversationEncoder, check_ima
         )
     return {
         "format": CACHE_FORMAT,
+        "versions": encoder_versions(),
         "files": files,
         "check_images": check_images,
         "tokenizer": tokenizer_digest(encoder.tokenizer),

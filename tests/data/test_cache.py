@@ -12,13 +12,16 @@ import time
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
+import transformers
 from conftest import CHATML, tiny_tokenizer
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import eve_vlm
 from eve_vlm.data import ConversationEncoder, DataSource, EveCollator, LlavaDataset, load_rows
-from eve_vlm.data.cache import CachedRows, prepare_cache
+from eve_vlm.data.cache import CachedRows, key_digest, prepare_cache
 from eve_vlm.errors import ConfigError, DataError, user_message
 
 N_IMG = 4
@@ -150,6 +153,15 @@ def test_changing_what_encoding_depends_on_invalidates_the_cache(tmp_path):
     folder, built = cache_folder(tmp_path, [source], encoder(), check_images="decode")
     assert built and folder not in folders
     folders.add(folder)
+    key = CachedRows(first).manifest["key"]
+    assert key["versions"] == {
+        "eve_vlm": eve_vlm.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+    for package in key["versions"]:  # an upgrade of the encoding code gives another folder
+        upgraded = {**key, "versions": {**key["versions"], package: "99.0"}}
+        assert key_digest(upgraded) != first.name
     path = tmp_path / "train.jsonl"
     path.write_text(path.read_text().replace("what", "is", 1))
     folder, built = cache_folder(tmp_path, [source], encoder())
