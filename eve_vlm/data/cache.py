@@ -444,12 +444,13 @@ class CachedRows:
         return self.column(f"{name}_bytes")[offsets[k] : offsets[k + 1]].tobytes().decode()
 
     def example(self, k: int) -> dict:
-        """Row `k`: `input_ids` (int32, one placeholder per image), `labels`, `image` (path or None)."""
+        """Row `k`: `input_ids` (int32, one placeholder per image: `compact` for `EveCollator`), `labels`,
+        `image` (path or None)."""
         a, b = self.column("offsets")[k : k + 2]
         ids = np.array(self.column("tokens")[a:b])
         labels = np.where(self.column("label_mask")[a:b].astype(bool), ids, -100).astype(np.int32)
         image = self.string("image", k) if self.column("has_image")[k] else None
-        return {"input_ids": ids, "labels": labels, "image": image}
+        return {"input_ids": ids, "labels": labels, "image": image, "compact": True}
 
     def where(self, k: int) -> str:
         """`file, line N, row id 'x'` of row `k`."""

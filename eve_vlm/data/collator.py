@@ -5,9 +5,9 @@
   sampler. Training reads `cache.CachedDataset` instead (encoded once, on disk); this one is the reference
   the cache is tested against.
 - `EveCollator` right-pads a batch (`input_ids` with the pad id, `labels` with -100) and loads the images of
-  the rows that have one, in order, as `pixel_values` (or stacks the ones the dataset loaded). Given
-  `image_token_id`, it expands each image placeholder to `num_image_tokens` ids first: the data cache
-  (`cache.py`) stores one placeholder per image.
+  the rows that have one, in order, as `pixel_values` (or stacks the ones the dataset loaded). An example
+  marked `compact` (the data cache, `cache.py`, stores one placeholder per image) has each image placeholder
+  expanded to `num_image_tokens` ids first; other examples are taken as they are.
 - `ModalityLengthGroupedSampler` is LLaVA's `group_by_modality_length` (`llava/train/llava_trainer.py`,
   `get_modality_length_grouped_indices`) without its one mixed last batch: each modality is padded with its
   own rows to whole megabatches, so every batch on every process is all-image or all-text.
@@ -92,15 +92,17 @@ class LlavaDataset(Dataset):
 class EveCollator:
     """Pads a list of examples into a batch of tensors.
 
-    An example is `{"input_ids", "labels", "image"}` (a path or None); it may also carry `pixel_values`
-    `(3, H, W)` loaded by the dataset (then `image_loader` is not called for it) and `bad_images`, the
-    number of unreadable images the dataset skipped to find it (summed into the batch's `num_bad_images`).
+    An example is `{"input_ids", "labels", "image"}` (a path or None); it may also carry `compact: True`
+    (its `input_ids` hold one `image_token_id` per image, to be expanded here; without it they are taken
+    as already expanded), `pixel_values` `(3, H, W)` loaded by the dataset (then `image_loader` is not
+    called for it) and `bad_images`, the number of unreadable images the dataset skipped to find it (summed
+    into the batch's `num_bad_images`).
 
     Args:
         pad_token_id: Fills `input_ids` on the right.
         image_loader: Maps a list of image paths to `pixel_values` `(N, 3, H, W)`, one per path, in order
             (e.g. open with PIL and run the processor's image processor).
-        image_token_id: When given, each such id in `input_ids` is one image placeholder and is expanded to
+        image_token_id: In a `compact` example each such id is one image placeholder and is expanded to
             `num_image_tokens` ids (labels -100), as `ConversationEncoder.encode` does.
         num_image_tokens: Image-token ids per image (with `image_token_id`).
     """
@@ -122,7 +124,7 @@ class EveCollator:
 
     def expand(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`ids` and `labels` with each image placeholder repeated `num_image_tokens` times."""
-        if self.image_token_id is None or self.num_image_tokens == 1:
+        if self.num_image_tokens == 1:
             return ids, labels
         is_image = ids == self.image_token_id
         if not bool(is_image.any()):
@@ -137,12 +139,18 @@ class EveCollator:
 
         Raises:
             DataError: when `image_loader` returns a different number of images than it was given paths.
+            ConfigError: for a `compact` example when the collator has no `image_token_id`.
         """
         ids, labels = [], []
-        for ex in examples:
+        for b, ex in enumerate(examples):
             t = torch.as_tensor(np.asarray(ex["input_ids"]), dtype=torch.long)
             lab = torch.as_tensor(np.asarray(ex["labels"]), dtype=torch.long)
-            if len(t) == len(lab):
+            if ex.get("compact", False):
+                if self.image_token_id is None:
+                    raise ConfigError(
+                        f"Example {b} of the batch is compact (one placeholder per image) but the collator "
+                        "has no image_token_id to expand it; pass image_token_id and num_image_tokens."
+                    )
                 t, lab = self.expand(t, lab)
             ids.append(t)
             labels.append(lab)
