@@ -8,7 +8,8 @@ DeepSpeed through accelerate, gradient accumulation, mixed precision, checkpoint
 schedule, progress bars - is transformers'. With `router_lr`, the EVF routers get their own learning rate (a
 parameter group split from transformers' optimizer groups, so the schedule scales it like the others).
 Rows whose image failed to load and were skipped (`num_bad_images` in a batch, see `eve_vlm/data/cache.py`)
-are counted, logged as `data/bad_images` and summed over the processes by `bad_images_total`.
+are counted and summed over the processes by `bad_images_total`, which each logged step reports as
+`data/bad_images` (the total so far, all processes together).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class EveTrainer(Trainer):
             logs.update({k: round(v / self._routing_counts[k], 4) for k, v in self._routing_sums.items()})
             self._routing_sums.clear()
             self._routing_counts.clear()
-        if "loss" in logs and self._bad_images:
-            logs["data/bad_images"] = self._bad_images
+        # every process logs at the same steps, so all of them join the sum
+        if "loss" in logs and (bad_images := self.bad_images_total()):
+            logs["data/bad_images"] = bad_images
         super().log(logs, *args, **kwargs)
 
     def bad_images_total(self) -> int:

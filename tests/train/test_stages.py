@@ -176,7 +176,7 @@ def corrupt_caption_recipe(parts, tmp_path, on_bad_row):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     rows[3] = {**rows[3], "image": str(tmp_path / "broken.png")}
     (tmp_path / "captions.json").write_text(json.dumps(rows))
-    spec = recipe(parts, tmp_path, 1, max_steps=2, per_device_train_batch_size=8)
+    spec = recipe(parts, tmp_path, 1, max_steps=2, per_device_train_batch_size=8, logging_steps=1)
     spec.data.sources[0].path = str(tmp_path / "captions.json")
     spec.data.on_bad_row = on_bad_row
     spec.data.check_images = "exists"
@@ -184,10 +184,16 @@ def corrupt_caption_recipe(parts, tmp_path, on_bad_row):
 
 
 def test_a_corrupt_image_met_in_training_is_skipped_and_counted(parts, tmp_path):
-    lines = []
-    summary = run_stage(corrupt_caption_recipe(parts, tmp_path, "skip"), log=lines.append)
+    lines, logged = [], []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    summary = run_stage(corrupt_caption_recipe(parts, tmp_path, "skip"), log=lines.append, callbacks=[Logs()])
     assert summary["steps"] == 2 and summary["skipped_rows"] == 0
     assert summary["bad_images_in_training"] == 2  # met once per step: every step sees all 8 rows
+    assert [entry["data/bad_images"] for entry in logged if "loss" in entry] == [1, 2]  # the total so far
     assert any("whose image failed to load" in line for line in lines)
 
 
