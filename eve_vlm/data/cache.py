@@ -531,8 +531,10 @@ class CachedDataset(Dataset):
                 message = f"{self.rows.where(k)}: image {example['image']} cannot be loaded ({type(e).__name__}: {e})"
                 if self.on_bad_row == "raise":
                     raise DataError(
-                        f"{message}. Fix or remove the image, or set data.on_bad_row: skip to skip such rows "
-                        "(data.check_images: decode finds them before training)."
+                        f"{message}. The default data.check_images: exists checks only that image files "
+                        "exist, so a corrupt one is found when training reaches it. Fix or remove the image; "
+                        "set data.check_images: decode to find every bad image before training, or "
+                        "data.on_bad_row: skip to skip such rows and count them."
                     ) from e
                 log.warning("skipping a row with a bad image: %s", message)
                 bad += 1

@@ -267,7 +267,7 @@ def test_a_bad_image_in_a_loader_worker_reads_as_the_original_message(tmp_path):
     assert "Original Traceback" in str(caught.value)
     message = user_message(caught.value)
     assert message.startswith(str(tmp_path)) and "Traceback" not in message
-    assert "line 5, row id 'r4': image" in message and message.endswith("before training).")
+    assert "line 5, row id 'r4': image" in message and message.endswith("skip such rows and count them.")
 
 
 def test_a_build_removes_what_killed_builds_left(tmp_path):
@@ -332,7 +332,9 @@ def test_a_bad_image_met_in_training_is_skipped_and_counted_or_stops_naming_file
         tmp_path, [source], enc, check_images="exists", image_loader=loader, on_bad_row="raise"
     ).dataset
     with pytest.raises(
-        DataError, match=r"train\.jsonl, line 5, row id 'r4': image .*4\.png cannot be loaded"
+        DataError,
+        match=r"train\.jsonl, line 5, row id 'r4': image .*4\.png cannot be loaded .*check_images: exists "
+        r"checks only .*check_images: decode .*on_bad_row: skip",
     ):
         raising[position]
 
