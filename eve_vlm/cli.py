@@ -8,7 +8,7 @@ import json
 import sys
 
 from eve_vlm.assets import add_prepare_parser
-from eve_vlm.errors import EveError
+from eve_vlm.errors import EveError, user_message
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.quickstart import add_quickstart_parser
 from eve_vlm.serve.chat import add_chat_parser
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except EveError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
     return 0
 

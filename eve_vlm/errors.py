@@ -1,6 +1,8 @@
 """User-facing errors. Every error a user can cause is an `EveError` subclass whose message names the
 file, row, key or value at fault and says what to do about it."""
 
+WORKER_TRACEBACK = "\nOriginal Traceback"
+
 
 class EveError(Exception):
     """Base class of all errors caused by user input or configuration."""
@@ -34,3 +36,14 @@ class AssetError(EveError, RuntimeError):
 
 class MissingDependencyError(EveError, ImportError):
     """An optional extra the command needs is not installed; the message names the extra."""
+
+
+def user_message(err: EveError) -> str:
+    """The message of `err` as the user should see it. An error raised in a `DataLoader` worker process is
+    raised again in the main process with torch's "Caught ... Original Traceback ..." text as its message;
+    for such an error this is the original message only."""
+    text = str(err)
+    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    if WORKER_TRACEBACK in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

@@ -1,6 +1,8 @@
-"""Data: LLaVA-format rows (`llava`), chat-template rendering with label masks (`conversations`), and the
-dataset, collator and modality-grouped sampler used in training (`collator`)."""
+"""Data: LLaVA-format rows (`llava`), chat-template rendering with label masks (`conversations`), the
+collator and modality-grouped sampler used in training (`collator`), and the data cache that training reads
+(`cache`)."""
 
+from eve_vlm.data.cache import CachedDataset, prepare_cache
 from eve_vlm.data.collator import EveCollator, LlavaDataset, ModalityLengthGroupedSampler
 from eve_vlm.data.conversations import IGNORE_INDEX, ConversationEncoder, EncodedExample
 from eve_vlm.data.llava import BadRow, ConversationRow, DataSource, LoadedRows, load_rows
@@ -8,6 +10,7 @@ from eve_vlm.data.llava import BadRow, ConversationRow, DataSource, LoadedRows, 
 __all__ = [
     "IGNORE_INDEX",
     "BadRow",
+    "CachedDataset",
     "ConversationEncoder",
     "ConversationRow",
     "DataSource",
@@ -17,4 +20,5 @@ __all__ = [
     "LoadedRows",
     "ModalityLengthGroupedSampler",
     "load_rows",
+    "prepare_cache",
 ]

@@ -1,9 +1,13 @@
 """Dataset, batch collator and modality-grouped sampler for training on LLaVA-format conversations.
 
-- `LlavaDataset` encodes every row up front with a `ConversationEncoder`, so bad rows are found (and, with
-  `on_bad_row="skip"`, counted) before the first step, and exposes `lengths` / `is_image` for the sampler.
+- `LlavaDataset` encodes every row up front with a `ConversationEncoder`, in memory, so bad rows are found
+  (and, with `on_bad_row="skip"`, counted) before the first step, and exposes `lengths` / `is_image` for the
+  sampler. Training reads `cache.CachedDataset` instead (encoded once, on disk); this one is the reference
+  the cache is tested against.
 - `EveCollator` right-pads a batch (`input_ids` with the pad id, `labels` with -100) and loads the images of
-  the rows that have one, in order, as `pixel_values`.
+  the rows that have one, in order, as `pixel_values` (or stacks the ones the dataset loaded). An example
+  marked `compact` (the data cache, `cache.py`, stores one placeholder per image) has each image placeholder
+  expanded to `num_image_tokens` ids first; other examples are taken as they are.
 - `ModalityLengthGroupedSampler` is LLaVA's `group_by_modality_length` (`llava/train/llava_trainer.py`,
   `get_modality_length_grouped_indices`) without its one mixed last batch: each modality is padded with its
   own rows to whole megabatches, so every batch on every process is all-image or all-text.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -87,25 +92,68 @@ class LlavaDataset(Dataset):
 class EveCollator:
     """Pads a list of examples into a batch of tensors.
 
+    An example is `{"input_ids", "labels", "image"}` (a path or None); it may also carry `compact: True`
+    (its `input_ids` hold one `image_token_id` per image, to be expanded here; without it they are taken
+    as already expanded), `pixel_values` `(3, H, W)` loaded by the dataset (then `image_loader` is not
+    called for it) and `bad_images`, the number of unreadable images the dataset skipped to find it (summed
+    into the batch's `num_bad_images`).
+
     Args:
         pad_token_id: Fills `input_ids` on the right.
         image_loader: Maps a list of image paths to `pixel_values` `(N, 3, H, W)`, one per path, in order
             (e.g. open with PIL and run the processor's image processor).
+        image_token_id: In a `compact` example each such id is one image placeholder and is expanded to
+            `num_image_tokens` ids (labels -100), as `ConversationEncoder.encode` does.
+        num_image_tokens: Image-token ids per image (with `image_token_id`).
     """
 
-    def __init__(self, pad_token_id: int, image_loader: Callable[[list[str]], torch.Tensor]):
+    def __init__(
+        self,
+        pad_token_id: int,
+        image_loader: Callable[[list[str]], torch.Tensor],
+        *,
+        image_token_id: int | None = None,
+        num_image_tokens: int = 1,
+    ):
+        if num_image_tokens < 1:
+            raise ConfigError(f"num_image_tokens={num_image_tokens} must be >= 1")
         self.pad_token_id = pad_token_id
         self.image_loader = image_loader
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+
+    def expand(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ids` and `labels` with each image placeholder repeated `num_image_tokens` times."""
+        if self.num_image_tokens == 1:
+            return ids, labels
+        is_image = ids == self.image_token_id
+        if not bool(is_image.any()):
+            return ids, labels
+        repeats = torch.where(is_image, self.num_image_tokens, 1)
+        labels = labels.masked_fill(is_image, IGNORE_INDEX)
+        return ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Returns `input_ids`, `labels`, `attention_mask` `(B, T)` and, if any row has an image,
-        `pixel_values` `(N_images, 3, H, W)`.
+        `pixel_values` `(N_images, 3, H, W)`; and `num_bad_images` (a scalar) when the examples report any.
 
         Raises:
             DataError: when `image_loader` returns a different number of images than it was given paths.
+            ConfigError: for a `compact` example when the collator has no `image_token_id`.
         """
-        ids = [torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in examples]
-        labels = [torch.as_tensor(ex["labels"], dtype=torch.long) for ex in examples]
+        ids, labels = [], []
+        for b, ex in enumerate(examples):
+            t = torch.as_tensor(np.asarray(ex["input_ids"]), dtype=torch.long)
+            lab = torch.as_tensor(np.asarray(ex["labels"]), dtype=torch.long)
+            if ex.get("compact", False):
+                if self.image_token_id is None:
+                    raise ConfigError(
+                        f"Example {b} of the batch is compact (one placeholder per image) but the collator "
+                        "has no image_token_id to expand it; pass image_token_id and num_image_tokens."
+                    )
+                t, lab = self.expand(t, lab)
+            ids.append(t)
+            labels.append(lab)
         width = max(len(t) for t in ids)
         batch = {
             "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),  # (B, T)
@@ -118,14 +166,19 @@ class EveCollator:
             batch["input_ids"][b, : len(t)] = t
             batch["labels"][b, : len(t)] = lab
             batch["attention_mask"][b, : len(t)] = 1
-        paths = [ex["image"] for ex in examples if ex.get("image") is not None]
-        if paths:
+        with_image = [ex for ex in examples if ex.get("image") is not None]
+        if with_image and all("pixel_values" in ex for ex in with_image):
+            batch["pixel_values"] = torch.stack([ex["pixel_values"] for ex in with_image])
+        elif with_image:
+            paths = [ex["image"] for ex in with_image]
             pixel_values = self.image_loader(paths)
             if len(pixel_values) != len(paths):
                 raise DataError(
                     f"image_loader returned {len(pixel_values)} images for {len(paths)} paths: {paths}"
                 )
             batch["pixel_values"] = pixel_values
+        if any("bad_images" in ex for ex in examples):
+            batch["num_bad_images"] = torch.tensor(sum(ex.get("bad_images", 0) for ex in examples))
         return batch
 
 

@@ -13,8 +13,10 @@ it, e.g. a newline, is masked). Each segment is tokenised on its own and the con
 tokenising the whole render. Any mismatch raises `DataError` naming the row, never a silent "tokenization
 mismatch".
 
-`<image>` stays one special token while rendering and tokenising; each one is then replaced by
-`num_image_tokens` copies (the model overwrites them with image features). The stage-1 `plain` template is
+`<image>` stays one special token while rendering and tokenising; `encode_compact` keeps it so (one
+placeholder per image, what the data cache stores) and `encode` replaces each one by `num_image_tokens`
+copies (the model overwrites them with image features); `expand_image_placeholders` does the same for a
+compact example, so both give the same ids. The stage-1 `plain` template is
 LLaVA's: image tokens + the first gpt reply (the caption) + eos, labels on the caption and eos only.
 
 Truncation to `max_length` only cuts text after the last image block, never an image block.
@@ -51,6 +53,40 @@ class EncodedExample:
     image: str | None
     id: str
     num_image_tokens_in_ids: int
+
+
+@dataclass
+class CompactExample:
+    """A tokenised conversation with one image-token id per image (not yet expanded).
+
+    Attributes:
+        input_ids: Token ids, one image-token id per image.
+        labels: Same length as `input_ids`; -100 on everything but the replies.
+        image: Absolute path of the row's image, or None.
+        id: The row id.
+        length: Length of `input_ids` once each image-token id is expanded.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    image: str | None
+    id: str
+    length: int
+
+
+def expand_image_placeholders(
+    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Replaces each `image_token_id` in `ids` by `num_image_tokens` of them (labels -100)."""
+    out_ids, out_labels = [], []
+    for t, lab in zip(ids, labels, strict=True):
+        if t == image_token_id:
+            out_ids += [t] * num_image_tokens
+            out_labels += [IGNORE_INDEX] * num_image_tokens
+        else:
+            out_ids.append(t)
+            out_labels.append(lab)
+    return out_ids, out_labels
 
 
 def row_where(row: ConversationRow) -> str:
@@ -127,7 +163,24 @@ class ConversationEncoder:
             self.end_of_turn_ids.add(tokenizer.eos_token_id)
 
     def encode(self, row: ConversationRow) -> EncodedExample:
-        """Tokenises `row` and masks everything but the assistant replies.
+        """Tokenises `row`, masks everything but the assistant replies and expands the image placeholder.
+
+        Raises:
+            DataError: as `encode_compact`.
+        """
+        compact = self.encode_compact(row)
+        ids, labels = self.expand_images(compact.input_ids, compact.labels)
+        return EncodedExample(
+            input_ids=ids,
+            labels=labels,
+            image=row.image,
+            id=row.id,
+            num_image_tokens_in_ids=ids.count(self.image_token_id),
+        )
+
+    def encode_compact(self, row: ConversationRow) -> CompactExample:
+        """Tokenises `row` and masks everything but the assistant replies, one image-token id per image;
+        truncation counts each image as `num_image_tokens` tokens.
 
         Raises:
             DataError: naming the row, when the template does not render it incrementally, the segments do
@@ -138,19 +191,16 @@ class ConversationEncoder:
             ids, labels = self.encode_plain(row)
         else:
             ids, labels = self.encode_chat(row)
-        ids, labels = self.expand_images(ids, labels)
         count = ids.count(self.image_token_id)
-        expected = self.num_image_tokens if row.image else 0
-        if count != expected:
+        if count != (1 if row.image else 0):
             raise DataError(
-                f"{row_where(row)}: {count} image tokens after rendering, expected {expected} "
-                f"({'one' if row.image else 'no'} image); the row or the template drops or adds "
-                f"{self.image_token!r}."
+                f"{row_where(row)}: {count * self.num_image_tokens} image tokens after rendering, expected "
+                f"{self.num_image_tokens if row.image else 0} ({'one' if row.image else 'no'} image); the "
+                f"row or the template drops or adds {self.image_token!r}."
             )
         ids, labels = self.truncate(row, ids, labels)
-        return EncodedExample(
-            input_ids=ids, labels=labels, image=row.image, id=row.id, num_image_tokens_in_ids=count
-        )
+        length = len(ids) + (self.num_image_tokens - 1) * count
+        return CompactExample(input_ids=ids, labels=labels, image=row.image, id=row.id, length=length)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -214,31 +264,28 @@ class ConversationEncoder:
 
     def expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Replaces each image-token id by `num_image_tokens` of them (labels -100)."""
-        out_ids, out_labels = [], []
-        for t, lab in zip(ids, labels, strict=True):
-            if t == self.image_token_id:
-                out_ids += [t] * self.num_image_tokens
-                out_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                out_ids.append(t)
-                out_labels.append(lab)
-        return out_ids, out_labels
+        return expand_image_placeholders(ids, labels, self.image_token_id, self.num_image_tokens)
 
     def truncate(
         self, row: ConversationRow, ids: list[int], labels: list[int]
     ) -> tuple[list[int], list[int]]:
-        """Cuts text after the last image block down to `max_length`, keeping image blocks whole."""
-        image_end = max((k + 1 for k, t in enumerate(ids) if t == self.image_token_id), default=0)
-        if image_end >= self.max_length and len(ids) > self.max_length:
+        """Cuts text after the last image block down to `max_length` (each image-token id counting as
+        `num_image_tokens` tokens), keeping image blocks whole."""
+        extra = self.num_image_tokens - 1  # tokens each image-token id adds once expanded
+        images = ids.count(self.image_token_id)
+        last = max((k for k, t in enumerate(ids) if t == self.image_token_id), default=-1)
+        image_end = last + 1 + extra * images if images else 0  # expanded position after the last image
+        if image_end >= self.max_length and len(ids) + extra * images > self.max_length:
             raise DataError(
                 f"{row_where(row)}: max_length {self.max_length} is too small for "
-                f"{ids.count(self.image_token_id)} image tokens ending at position {image_end} plus at least "
+                f"{images * self.num_image_tokens} image tokens ending at position {image_end} plus at least "
                 "one label token; raise max_length."
             )
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        keep = self.max_length - extra * images
+        ids, labels = ids[:keep], labels[:keep]
         if all(lab == IGNORE_INDEX for lab in labels):
             raise DataError(
                 f"{row_where(row)}: no label token is left within max_length {self.max_length} "
-                f"({len(ids)} tokens kept); raise max_length or shorten the prompt."
+                f"({len(ids) + extra * images} tokens kept); raise max_length or shorten the prompt."
             )
         return ids, labels

@@ -7,8 +7,9 @@ only when a worker crashes on it mid-run, every row is validated up front:
 
 - `conversations` is a non-empty list of turns: an optional leading system turn, then human/gpt alternating,
   starting with human, with at least one gpt turn;
-- `image` (optional) is resolved against the source's `image_folder` (default: the data file's folder), must
-  exist and, with `check_images`, must open with PIL and pass `verify()`;
+- `image` (optional) is resolved against the source's `image_folder` (default: the data file's folder) and
+  checked as `check_images` says: `none` (not at all), `exists` (the file exists) or `decode` (it opens with
+  PIL, passes `verify()` and decodes in full);
 - `<image>` appears at most once, in the first human turn, and only in rows that have an image; a row with an
   image and no marker gets `"<image>\\n"` prepended to its first human turn (where LLaVA puts it).
 
@@ -32,6 +33,7 @@ from eve_vlm.errors import ConfigError, DataError
 IMAGE_MARKER = "<image>"
 ROLE_NAMES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
 ON_BAD_ROW = ("raise", "skip")
+CHECK_IMAGES = ("none", "exists", "decode")
 
 
 @dataclass
@@ -165,23 +167,48 @@ def normalise_turns(turns: object) -> list[dict]:
     return out
 
 
-def resolve_image(image: object, base: str, check_images: bool) -> str:
-    """The absolute path of a row's image.
+def image_check_mode(check_images: bool | str) -> str:
+    """`check_images` as one of `CHECK_IMAGES` (True is "decode", False is "exists").
+
+    Raises:
+        ConfigError: for an unknown mode.
+    """
+    if isinstance(check_images, bool):
+        return "decode" if check_images else "exists"
+    if check_images not in CHECK_IMAGES:
+        raise ConfigError(f"check_images={check_images!r}; use one of {CHECK_IMAGES}")
+    return check_images
+
+
+def decode_image(path: str) -> None:
+    """Opens `path` with PIL, verifies it and decodes its pixels.
+
+    Raises:
+        ValueError: naming the file, when it is corrupt or not an image.
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"image {path} is corrupt or not an image ({type(e).__name__}: {e})") from e
+
+
+def resolve_image(image: object, base: str, check_images: bool | str) -> str:
+    """The absolute path of a row's image, checked as `check_images` says (see `CHECK_IMAGES`).
 
     Raises:
         ValueError: with the reason, when the image is not a path, is missing or cannot be read.
     """
+    mode = image_check_mode(check_images)
     if not isinstance(image, str) or not image:
         raise ValueError(f"'image' must be one non-empty path string, got {image!r}")
     path = os.path.abspath(os.path.join(base, image))
-    if not os.path.isfile(path):
+    if mode != "none" and not os.path.isfile(path):
         raise ValueError(f"image {image!r} not found at {path}; check the path or the source's image_folder")
-    if check_images:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as e:
-            raise ValueError(f"image {path} is corrupt or not an image ({type(e).__name__}: {e})") from e
+    if mode == "decode":
+        decode_image(path)
     return path
 
 
@@ -205,7 +232,7 @@ def place_image_marker(turns: list[dict], has_image: bool) -> None:
         turns[first_human]["value"] = IMAGE_MARKER + "\n" + turns[first_human]["value"]
 
 
-def parse_row(record: object, line: int, source: DataSource, check_images: bool) -> ConversationRow:
+def parse_row(record: object, line: int, source: DataSource, check_images: bool | str) -> ConversationRow:
     """Validates one record into a `ConversationRow`.
 
     Raises:
@@ -232,7 +259,7 @@ def row_id(record: object, source: DataSource, line: int) -> str:
     return f"{os.path.splitext(os.path.basename(source.path))[0]}-{line}"
 
 
-def apply_weight(rows: list[ConversationRow], weight: float, rng: random.Random) -> list[ConversationRow]:
+def apply_weight(rows: list, weight: float, rng: random.Random) -> list:
     """Repeats `rows` `floor(weight)` times and adds a seeded subset of `round(frac * len)` rows, in order."""
     whole = math.floor(weight)
     extra = round((weight - whole) * len(rows))
@@ -240,8 +267,19 @@ def apply_weight(rows: list[ConversationRow], weight: float, rng: random.Random)
     return rows * whole + [rows[i] for i in keep]
 
 
+def check_weight(source: DataSource) -> None:
+    """Raises `ConfigError` unless the source's weight is a finite number >= 0."""
+    if not math.isfinite(source.weight) or source.weight < 0:
+        raise ConfigError(f"{source.path}: weight {source.weight} must be a finite number >= 0")
+
+
+def source_rng(seed: int, index: int, source: DataSource) -> random.Random:
+    """The generator that picks the fractional-weight subset of source number `index`."""
+    return random.Random(f"{seed}:{index}:{source.path}")
+
+
 def load_rows(
-    sources: list[DataSource], *, on_bad_row: str = "raise", seed: int = 0, check_images: bool = True
+    sources: list[DataSource], *, on_bad_row: str = "raise", seed: int = 0, check_images: bool | str = True
 ) -> LoadedRows:
     """Loads, validates and weights the rows of several LLaVA-format files.
 
@@ -249,7 +287,8 @@ def load_rows(
         sources: The data files, each with its image folder and sampling weight.
         on_bad_row: "raise" to stop at the first bad row, "skip" to skip bad rows and record them.
         seed: Seeds the subset kept for a fractional weight (the same seed keeps the same rows).
-        check_images: Open every image with PIL and `verify()` it (slower, but catches corrupt files).
+        check_images: `none`, `exists` or `decode` (open, verify and decode every image: slower, but catches
+            corrupt files); True is `decode`, False is `exists`.
 
     Returns:
         The kept rows, source after source, each file's rows in file order; and the skipped rows.
@@ -261,10 +300,10 @@ def load_rows(
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ConfigError(f"on_bad_row={on_bad_row!r}; use one of {ON_BAD_ROW}")
+    check_images = image_check_mode(check_images)
     loaded = LoadedRows()
     for index, source in enumerate(sources):
-        if not math.isfinite(source.weight) or source.weight < 0:
-            raise ConfigError(f"{source.path}: weight {source.weight} must be a finite number >= 0")
+        check_weight(source)
         rows = []
         for line, record, parse_error in read_records(source.path):
             try:
@@ -276,6 +315,5 @@ def load_rows(
                 if on_bad_row == "raise":
                     raise bad_row_error(bad) from e
                 loaded.skipped.append(bad)
-        rng = random.Random(f"{seed}:{index}:{source.path}")
-        loaded.rows.extend(apply_weight(rows, source.weight, rng))
+        loaded.rows.extend(apply_weight(rows, source.weight, source_rng(seed, index, source)))
     return loaded

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from eve_vlm.data.llava import CHECK_IMAGES
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
 
@@ -95,6 +96,13 @@ class DataSpec:
             (`EveProcessor.system_prompt`, set by an earlier stage) or the template's default. A stage that
             sets it saves it with the model, and `eve chat` and the evaluations use it for image requests.
             A short one (e.g. "") saves tokens: SmolLM2's default system message is 20 tokens.
+        check_images: How images are checked while the data is prepared: `none`, `exists` (the file is
+            there) or `decode` (it opens, verifies and decodes; slower). The result is cached with the
+            encoded rows. A bad image met during training is handled as `on_bad_row` says.
+        cache_dir: Folder of the data cache (default `$EVE_HOME/data-cache`): rows are checked and encoded
+            once per (data files, tokenizer, template, system prompt, max length, image tokens, image check)
+            and every rank, resumed run and later stage with the same settings reads them from there.
+        num_proc: Processes that prepare the data (default: the CPU count, at most 8).
     """
 
     sources: list[SourceSpec] = field(default_factory=list)
@@ -103,6 +111,9 @@ class DataSpec:
     on_bad_row: str = "raise"
     max_bad_share: float = 0.01
     system_prompt: str | None = None
+    check_images: str = "exists"
+    cache_dir: str | None = None
+    num_proc: int | None = None
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -113,6 +124,12 @@ class DataSpec:
             raise ConfigError(f"data.on_bad_row={self.on_bad_row!r}: use raise or skip.")
         if not 0.0 <= self.max_bad_share <= 1.0:
             raise ConfigError(f"data.max_bad_share={self.max_bad_share}: use a share between 0 and 1.")
+        if self.check_images not in CHECK_IMAGES:
+            raise ConfigError(
+                f"data.check_images={self.check_images!r}: use one of {', '.join(CHECK_IMAGES)}."
+            )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc={self.num_proc}: use 1 or more (or null for the CPU count).")
 
 
 @dataclass
@@ -227,6 +244,8 @@ class TrainingSpec:
         gradient_checkpointing: Recompute activations in backward.
         report_to: `none`, `tensorboard`, ...
         dataloader_num_workers: Data-loading worker processes.
+        ddp_timeout: Seconds a process of a multi-process run waits for the others, e.g. while the main
+            process prepares the data cache.
         resume_from_checkpoint: `auto` resumes from the newest checkpoint in output_dir if any; a path; or null.
     """
 
@@ -247,6 +266,7 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     dataloader_num_workers: int = 0
+    ddp_timeout: int = 1800
     resume_from_checkpoint: str | None = "auto"
 
 

@@ -20,16 +20,20 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from eve_vlm.assets import eve_home, weights_sha256
-from eve_vlm.data.collator import EveCollator, LlavaDataset
+from eve_vlm.data.cache import CachedDataset, PreparedData, prepare_cache
+from eve_vlm.data.collator import EveCollator
 from eve_vlm.data.conversations import ConversationEncoder
-from eve_vlm.data.llava import DataSource, load_rows
+from eve_vlm.data.llava import DataSource
 from eve_vlm.errors import CheckpointError, ConfigError, DataError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.folder import check_eve_folder
@@ -108,14 +112,32 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
     return model, processor
 
 
-def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, log=print) -> LlavaDataset:
-    """Loads, checks and encodes the recipe's data."""
+def data_cache_dir(recipe: Recipe) -> Path:
+    """`data.cache_dir`, default `$EVE_HOME/data-cache`."""
+    return Path(expand(recipe.data.cache_dir)) if recipe.data.cache_dir else eve_home() / "data-cache"
+
+
+def build_dataset(
+    recipe: Recipe,
+    processor: EveProcessor,
+    config: EveConfig,
+    log=print,
+    main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+    is_main_process: bool = True,
+) -> CachedDataset:
+    """The recipe's data from the data cache, prepared first when the cache has no copy (see `cache.py`).
+
+    Args:
+        main_process_first: A context in which the main process runs first while the others wait (e.g.
+            `TrainingArguments.main_process_first`), so only the main process encodes.
+        is_main_process: Whether this process prepares the cache; the others only read it, and stop with a
+            `DataError` when the main process failed to prepare it.
+    """
     data = recipe.data
     sources = [
         DataSource(expand(s.path), expand(s.image_folder) if s.image_folder else None, s.weight)
         for s in data.sources
     ]
-    loaded = load_rows(sources, on_bad_row=data.on_bad_row, seed=recipe.training.seed)
     if data.system_prompt is not None and data.template == "chat":
         processor.system_prompt = data.system_prompt  # saved with the model: chat and evaluation use it
     encoder = ConversationEncoder(
@@ -127,13 +149,40 @@ def build_dataset(recipe: Recipe, processor: EveProcessor, config: EveConfig, lo
         max_length=data.max_length,
         system_prompt=processor.system_prompt,
     )
-    dataset = LlavaDataset(loaded.rows, encoder, on_bad_row=data.on_bad_row)
-    dataset.skipped = list(loaded.skipped) + list(dataset.skipped)
-    images = sum(dataset.is_image)
-    log(f"data: {len(dataset)} rows ({images} with an image, {len(dataset) - images} text-only)")
+    with main_process_first():
+        prepared = prepare_cache(
+            sources,
+            encoder,
+            cache_dir=data_cache_dir(recipe),
+            check_images=data.check_images,
+            on_bad_row=data.on_bad_row,
+            seed=recipe.training.seed,
+            num_proc=data.num_proc or min(os.cpu_count() or 1, 8),
+            image_loader=processor.load_images,
+            log_line=log,
+            build=is_main_process,
+        )
+    dataset = prepared.dataset
+    log(data_summary(dataset, prepared))
     if dataset.skipped:
         check_bad_rows(dataset.skipped, len(dataset), data.max_bad_share, log)
     return dataset
+
+
+def data_summary(dataset: CachedDataset, prepared: PreparedData) -> str:
+    """One line: rows kept (with and without an image), skipped by reason, tokens, cache folder and size."""
+    images = sum(dataset.is_image)
+    reasons = Counter(_reason_kind(bad.reason) for bad in dataset.skipped)
+    skipped = "; ".join(f"{n} {kind}" for kind, n in reasons.most_common(3))
+    if len(reasons) > 3:
+        skipped += "; ..."
+    size = prepared.dataset.rows.size_bytes() / 2**20
+    how = "built" if prepared.built else "read"
+    return (
+        f"data: {len(dataset)} rows ({images} with an image, {len(dataset) - images} text-only), "
+        f"{len(dataset.skipped)} skipped{f' ({skipped})' if skipped else ''}, {sum(dataset.lengths)} tokens; "
+        f"cache {prepared.folder} ({size:.1f} MiB, {how} in {prepared.seconds:.1f} s)"
+    )
 
 
 def _reason_kind(reason: str) -> str:
@@ -190,6 +239,7 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=recipe.stage == 3,
         save_only_model=False,
+        ddp_timeout=t.ddp_timeout,
     )
 
 
@@ -230,7 +280,17 @@ def text_path_trains(model: EveForConditionalGeneration) -> bool:
     )
 
 
-def warm_start(recipe: Recipe, model, dataset: LlavaDataset, processor: EveProcessor, log=print) -> dict:
+def collator(processor: EveProcessor, config: EveConfig) -> EveCollator:
+    """The training collator: pads, expands each image placeholder, stacks the images."""
+    return EveCollator(
+        processor.tokenizer.pad_token_id,
+        processor.load_images,
+        image_token_id=config.image_token_id,
+        num_image_tokens=config.num_image_tokens,
+    )
+
+
+def warm_start(recipe: Recipe, model, dataset: CachedDataset, processor: EveProcessor, log=print) -> dict:
     """Fits the EVF routers on the image mask over the first `evf.router_init_batches` micro-batches of a
     seeded shuffle of the training data (see `router_warm_start.py`)."""
     from torch.utils.data import DataLoader
@@ -242,9 +302,12 @@ def warm_start(recipe: Recipe, model, dataset: LlavaDataset, processor: EveProce
         batch_size=recipe.training.per_device_train_batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(recipe.training.seed),
-        collate_fn=EveCollator(processor.tokenizer.pad_token_id, processor.load_images),
+        collate_fn=collator(processor, model.config),
     )
-    batches = (b for i, b in zip(range(recipe.evf.router_init_batches), loader, strict=False))
+    batches = (
+        {k: v for k, v in b.items() if k != "num_bad_images"}
+        for i, b in zip(range(recipe.evf.router_init_batches), loader, strict=False)
+    )
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.training.bf16)
     with autocast:
         return warm_start_routers(model, batches, confidence=recipe.evf.router_init_confidence, log=log)
@@ -254,7 +317,18 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     """Runs one stage end to end; returns the summary written next to the model."""
     start = time.time()
     model, processor = build_model(recipe)
-    dataset = build_dataset(recipe, processor, model.config, log=log)
+    args = training_arguments(recipe)
+    # The main process of each node prepares (a node-local cache_dir needs its own copy; on a shared one the
+    # first complete copy wins and the other nodes read it); the others wait up to training.ddp_timeout.
+    first = partial(args.main_process_first, local=True, desc="data cache")
+    dataset = build_dataset(
+        recipe,
+        processor,
+        model.config,
+        log=log,
+        main_process_first=first,
+        is_main_process=args.local_process_index == 0,
+    )
     matches = apply_trainable_rules(model, recipe.trainable, recipe.expect_trainable, log=log)
     if not text_path_trains(model) and (dropped := dataset.drop_text_only()):
         log(
@@ -267,12 +341,11 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         and not latest_checkpoint(expand(recipe.training.output_dir))
     ):
         warm_start(recipe, model, dataset, processor, log=log)
-    args = training_arguments(recipe)
     trainer = EveTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=EveCollator(processor.tokenizer.pad_token_id, processor.load_images),
+        data_collator=collator(processor, model.config),
         callbacks=callbacks,
         router_lr=recipe.evf.router_lr if recipe.evf is not None else None,
     )
@@ -283,6 +356,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     if resume:
         log(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
+    bad_images = trainer.bad_images_total()
     summary = {
         "stage": recipe.stage,
         "train_loss": result.training_loss,
@@ -291,11 +365,16 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         "trainable": {m.pattern: [m.tensors, m.parameters] for m in matches},
         "trainable_names": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "skipped_rows": len(dataset.skipped),
+        "bad_images_in_training": bad_images,
         "loss_history": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
         "recipe": asdict(recipe),
     }
     if trainer.is_world_process_zero():
         save_stage(model, processor, args.output_dir, summary)
+    if bad_images:
+        log(
+            f"skipped {bad_images} row(s) whose image failed to load during training (see the warnings above)"
+        )
     if dataset.skipped:
         log(f"skipped {len(dataset.skipped)} bad row(s):")
         for bad in dataset.skipped[:20]:

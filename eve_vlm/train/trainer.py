@@ -7,6 +7,9 @@ separate micro-batches grouped by length (LLaVA's `group_by_modality_length`). E
 DeepSpeed through accelerate, gradient accumulation, mixed precision, checkpointing and resume, the cosine
 schedule, progress bars - is transformers'. With `router_lr`, the EVF routers get their own learning rate (a
 parameter group split from transformers' optimizer groups, so the schedule scales it like the others).
+Rows whose image failed to load and were skipped (`num_bad_images` in a batch, see `eve_vlm/data/cache.py`)
+are counted and summed over the processes by `bad_images_total`, which each logged step reports as
+`data/bad_images` (the total so far, all processes together).
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ class EveTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._routing_sums: dict[str, float] = defaultdict(float)
         self._routing_counts: dict[str, int] = defaultdict(int)
+        self._bad_images = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        bad = inputs.pop("num_bad_images", None)
+        if bad is not None and model.training:
+            self._bad_images += int(bad)
         outputs = model(**inputs)
         if outputs.routing and model.training:
             for key, value in routing_metrics(outputs.routing).items():
@@ -65,7 +72,15 @@ class EveTrainer(Trainer):
             logs.update({k: round(v / self._routing_counts[k], 4) for k, v in self._routing_sums.items()})
             self._routing_sums.clear()
             self._routing_counts.clear()
+        # every process logs at the same steps, so all of them join the sum
+        if "loss" in logs and (bad_images := self.bad_images_total()):
+            logs["data/bad_images"] = bad_images
         super().log(logs, *args, **kwargs)
+
+    def bad_images_total(self) -> int:
+        """Rows skipped for a bad image during training, summed over all processes."""
+        count = torch.tensor(self._bad_images, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

@@ -18,7 +18,7 @@ from eve_vlm.data import (
     ModalityLengthGroupedSampler,
     load_rows,
 )
-from eve_vlm.errors import DataError
+from eve_vlm.errors import ConfigError, DataError
 
 
 class FakeImageLoader:
@@ -154,3 +154,22 @@ def test_dataset_skips_rows_that_do_not_encode_and_feeds_the_loader(tmp_path):
             8 if has_image else 0
         )  # 4 image tokens per image row
         assert (batch["labels"] != IGNORE_INDEX).any()
+
+
+def test_collator_expands_only_examples_marked_compact(tmp_path):
+    rows = load_rows([DataSource(write_data(tmp_path))]).rows
+    encoder = make_encoder(max_length=40)
+    image_id = encoder.image_token_id
+    expanded = LlavaDataset(rows, encoder, on_bad_row="skip")[0]  # already 4 image tokens
+    compact = encoder.encode_compact(rows[0])
+    assert expanded["input_ids"].count(image_id) == 4 and compact.input_ids.count(image_id) == 1
+    collator = EveCollator(0, FakeImageLoader(), image_token_id=image_id, num_image_tokens=4)
+    as_is = collator([expanded])
+    assert as_is["input_ids"][0].tolist() == expanded["input_ids"]  # not 16 image tokens
+    grown = collator(
+        [{"input_ids": compact.input_ids, "labels": compact.labels, "image": compact.image, "compact": True}]
+    )
+    assert grown["input_ids"][0].tolist() == expanded["input_ids"]
+    assert grown["labels"][0].tolist() == expanded["labels"]
+    with pytest.raises(ConfigError, match="compact .* no image_token_id"):
+        EveCollator(0, FakeImageLoader())([{**expanded, "compact": True}])

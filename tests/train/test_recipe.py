@@ -69,6 +69,14 @@ def test_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="template='alpaca'"):
         load_recipe(write(tmp_path, data))
     data = minimal()
+    data["data"]["check_images"] = "verify"
+    with pytest.raises(ConfigError, match=r"data\.check_images='verify': use one of none, exists, decode"):
+        load_recipe(write(tmp_path, data))
+    data = minimal()
+    data["data"]["num_proc"] = 0
+    with pytest.raises(ConfigError, match=r"data\.num_proc=0"):
+        load_recipe(write(tmp_path, data))
+    data = minimal()
     data["evf"] = {"placement": "alternate"}
     with pytest.raises(ConfigError, match="stage-3 section"):
         load_recipe(write(tmp_path, data))

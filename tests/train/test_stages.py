@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.train.recipe import load_recipe
-from eve_vlm.train.stages import build_dataset, build_model, run_stage
+from eve_vlm.train.stages import build_dataset, build_model, collator, run_stage
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20)}
 
@@ -88,6 +88,8 @@ def recipe(parts, tmp_path, stage, evf=None, **training):
             ],
             "template": "plain" if stage == 1 else "chat",
             "max_length": 64,
+            "cache_dir": str(tmp_path / "data-cache"),
+            "num_proc": 1,
         },
         "trainable": {
             1: [{"pattern": r"^projector\."}],
@@ -146,6 +148,60 @@ def test_bad_rows_are_counted_before_the_first_step_and_too_many_refuse_the_stag
     assert any(
         "skipped 2 bad row(s), 25.00% of the rows" in line and "missing-2.png" in line for line in lines
     )
+
+
+def test_the_data_is_encoded_once_and_read_from_the_cache_after(parts, tmp_path):
+    spec = recipe(parts, tmp_path, 2)
+    model, processor = build_model(recipe(parts, tmp_path, 1))
+    cold, warm = [], []
+    first = build_dataset(spec, processor, model.config, log=cold.append)
+    second = build_dataset(spec, processor, model.config, log=warm.append)
+    assert any(line.startswith("data cache: encoding 56 rows") for line in cold)
+    assert not any("encoding" in line for line in warm) and any(
+        "data cache: reading" in line for line in warm
+    )
+    summary = next(line for line in warm if line.startswith("data: "))
+    assert (
+        "56 rows (48 with an image, 8 text-only), 0 skipped" in summary
+        and str(tmp_path / "data-cache") in summary
+    )
+    assert len(first) == len(second) == 56 and first.lengths == second.lengths
+    assert sum(first.lengths) > 48 * model.config.num_image_tokens
+    batch = collator(processor, model.config)([second[0], second[1]])
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * model.config.num_image_tokens
+
+
+def corrupt_caption_recipe(parts, tmp_path, on_bad_row):
+    rows = json.loads((parts / "captions.json").read_text())[:8]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    rows[3] = {**rows[3], "image": str(tmp_path / "broken.png")}
+    (tmp_path / "captions.json").write_text(json.dumps(rows))
+    spec = recipe(parts, tmp_path, 1, max_steps=2, per_device_train_batch_size=8, logging_steps=1)
+    spec.data.sources[0].path = str(tmp_path / "captions.json")
+    spec.data.on_bad_row = on_bad_row
+    spec.data.check_images = "exists"
+    return spec
+
+
+def test_a_corrupt_image_met_in_training_is_skipped_and_counted(parts, tmp_path):
+    lines, logged = [], []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    summary = run_stage(corrupt_caption_recipe(parts, tmp_path, "skip"), log=lines.append, callbacks=[Logs()])
+    assert summary["steps"] == 2 and summary["skipped_rows"] == 0
+    assert summary["bad_images_in_training"] == 2  # met once per step: every step sees all 8 rows
+    assert [entry["data/bad_images"] for entry in logged if "loss" in entry] == [1, 2]  # the total so far
+    assert any("whose image failed to load" in line for line in lines)
+
+
+def test_a_corrupt_image_met_in_training_stops_naming_file_and_row_under_raise(parts, tmp_path):
+    with pytest.raises(
+        DataError, match=r"captions\.json, line 4, row id 'c3': image .*broken\.png cannot be loaded"
+    ):
+        run_stage(corrupt_caption_recipe(parts, tmp_path, "raise"), log=lambda line: None)
 
 
 def test_three_stages(parts, tmp_path):
@@ -321,3 +377,72 @@ def test_torchrun_ddp_two_processes(parts, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "eve_training.json").read_text())
     assert summary["steps"] == 3
     EveForConditionalGeneration.from_pretrained(tmp_path / "ddp")
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from transformers import TrainerCallback
+from eve_vlm.train.recipe import load_recipe
+from eve_vlm.train.stages import run_stage
+
+
+class RecordBatches(TrainerCallback):
+    def __init__(self):
+        self.batches = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.batches = [list(map(int, b)) for b in train_dataloader.batch_sampler]
+
+
+lines, record = [], RecordBatches()
+run_stage(load_recipe(sys.argv[1], sys.argv[3:]), log=lines.append, callbacks=[record])
+with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"log": lines, "batches": record.batches}, f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(parts, tmp_path):
+    """Under `torchrun --nproc_per_node 2` (gloo, CPU) only the main process encodes, the other reads the
+    cache; both see the same number of batches, of different rows; the resumed run encodes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    recipe(parts, tmp_path, 2, max_steps=2, save_steps=2, per_device_train_batch_size=4)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def torchrun(tag, *overrides):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+        ]
+        cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / tag), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads((tmp_path / f"{tag}-rank{r}.json").read_text()) for r in (0, 1)]
+
+    def cache_lines(ranks, word):
+        return [any(line.startswith(f"data cache: {word}") for line in rank["log"]) for rank in ranks]
+
+    first = torchrun("first")
+    assert cache_lines(first, "encoding") == [True, False]
+    assert cache_lines(first, "reading") == [False, True]
+    batches = [rank["batches"] for rank in first]
+    assert len(batches[0]) == len(batches[1]) > 0
+    assert batches[0] != batches[1] and set(sum(batches[0], [])) != set(sum(batches[1], []))
+    assert len(list((tmp_path / "data-cache").iterdir())) == 2  # stage 1's captions, stage 2's conversations
+
+    resumed = torchrun("resumed", "training.max_steps=3")
+    assert cache_lines(resumed, "encoding") == [False, False]
+    assert cache_lines(resumed, "reading") == [True, True]
+    assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in resumed[0]["log"])
+    assert json.loads((tmp_path / "stage2" / "eve_training.json").read_text())["steps"] == 3
