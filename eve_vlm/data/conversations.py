@@ -205,9 +205,16 @@ class ConversationEncoder:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        """`tokenize` of each text, in one call of the tokenizer."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def render_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
+        """The chat-template render of each conversation, in one call of the template."""
+        if not conversations:
+            return []
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def encode_plain(self, row: ConversationRow) -> tuple[list[int], list[int]]:
@@ -223,13 +230,11 @@ class ConversationEncoder:
     def segments(self, row: ConversationRow) -> list[tuple[str, bool]]:
         """The full render cut into `(text, is_reply)` segments, checking that it renders incrementally."""
         messages = to_messages(row, self.system_prompt)
-        full = self.render(messages)
+        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        prefixes = self.render_many([messages[:i] for i in turns], add_generation_prompt=True)
+        *uptos, full = self.render_many([messages[: i + 1] for i in turns] + [messages])
         cuts, replies = [0], []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+        for i, prefix, upto in zip(turns, prefixes, uptos, strict=True):
             if not (upto.startswith(prefix) and full.startswith(upto) and len(prefix) >= cuts[-1]):
                 raise DataError(
                     f"{row_where(row)}: the chat template does not render this conversation incrementally "
@@ -244,17 +249,19 @@ class ConversationEncoder:
 
     def encode_chat(self, row: ConversationRow) -> tuple[list[int], list[int]]:
         """Tokens and labels of the chat-template render, one segment at a time."""
-        ids, labels, whole = [], [], ""
-        for text, is_reply in self.segments(row):
-            seg = self.tokenize(text)
-            whole += text
+        segments = self.segments(row)
+        *pieces, whole = self.tokenize_many(
+            [text for text, _ in segments] + ["".join(t for t, _ in segments)]
+        )
+        ids, labels = [], []
+        for (_, is_reply), seg in zip(segments, pieces, strict=True):
             ids += seg
             if not is_reply:
                 labels += [IGNORE_INDEX] * len(seg)
                 continue
             end = next((k + 1 for k, t in enumerate(seg) if t in self.end_of_turn_ids), len(seg))
             labels += seg[:end] + [IGNORE_INDEX] * (len(seg) - end)
-        if ids != self.tokenize(whole):
+        if ids != whole:
             raise DataError(
                 f"{row_where(row)}: the render does not line up: tokenising it turn by turn gives other "
                 "tokens than tokenising it whole (a token spans a turn boundary); check the tokenizer and "
