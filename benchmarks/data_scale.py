@@ -2,7 +2,9 @@
 
 Writes N LLaVA-665k-shaped rows (1 to 6 question/answer turns, each image row with its own image file,
 about 6% text-only rows as ShareGPT's are in 665k) into `--workdir`, then for each N runs two fresh
-processes, each playing one rank: the first on an empty cache folder (cold: parse, check images, render,
+processes, each playing one rank, after a third that prepares without the cache (in-memory: `load_rows` +
+`LlavaDataset` in the one process, as every rank did before the cache; the comparison): the first on an
+empty cache folder (cold: parse, check images, render,
 tokenise, write), the second on the cache the first wrote (warm). Each prints one JSON line: seconds to
 prepare, rows/s, resident memory added by preparing (`VmRSS` after minus before, the tokenizer already
 loaded), cache size, and seconds to the first batch (preparation + the length-grouped sampler's first
@@ -118,12 +120,46 @@ def write_rows(folder: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+IN_MEMORY = "in-memory"  # the --rank cache folder that selects the path without the cache
+
+
 def rss_mib() -> float:
     """Resident memory of this process in MiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def in_memory_rank(data: Path, tokenizer_dir: str, check_images: str) -> dict:
+    """One rank without the cache, as before it: every row checked and encoded in this process, kept as
+    Python lists with the image tokens expanded (`load_rows` + `LlavaDataset`, the in-memory reference)."""
+    from transformers import AutoTokenizer
+
+    from eve_vlm.data.collator import LlavaDataset
+    from eve_vlm.data.conversations import ConversationEncoder
+    from eve_vlm.data.llava import DataSource, load_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    encoder = ConversationEncoder(
+        tokenizer,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        num_image_tokens=576,
+        template="chat",
+        max_length=2048,
+    )
+    before = rss_mib()
+    start = time.perf_counter()
+    loaded = load_rows([DataSource(str(data))], check_images=check_images, on_bad_row="skip")
+    dataset = LlavaDataset(loaded.rows, encoder, on_bad_row="skip")
+    prepare_s = time.perf_counter() - start
+    return {
+        "rows": len(dataset.examples),
+        "prepare_s": round(prepare_s, 2),
+        "rows_per_s": round(len(loaded.rows) / prepare_s, 1),
+        "rss_added_mib": round(rss_mib() - before, 1),
+    }
 
 
 def rank(data: Path, cache_dir: Path, tokenizer_dir: str, num_proc: int, check_images: str) -> dict:
@@ -200,9 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(args.tokenizer, "tokenizer.json").is_file():
             sys.exit(f"no tokenizer at {args.tokenizer}: run `eve prepare` or pass --tokenizer FOLDER")
     if args.rank:
-        result = rank(
-            Path(args.rank[0]), Path(args.rank[1]), args.tokenizer, args.num_proc, args.check_images
-        )
+        data, cache_dir = Path(args.rank[0]), args.rank[1]
+        if cache_dir == IN_MEMORY:
+            result = in_memory_rank(data, args.tokenizer, args.check_images)
+        else:
+            result = rank(data, Path(cache_dir), args.tokenizer, args.num_proc, args.check_images)
         print(json.dumps(result))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="eve-data-scale-"))
@@ -211,13 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         data = write_rows(folder, n)
         results = {}
-        for phase in ("cold", "warm"):
+        for phase in ("in_memory", "cold", "warm"):
             cmd = [
                 sys.executable,
                 __file__,
                 "--rank",
                 str(data),
-                str(folder / "cache"),
+                IN_MEMORY if phase == "in_memory" else str(folder / "cache"),
                 "--tokenizer",
                 args.tokenizer,
             ]
@@ -231,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "n": n,
                     "extrapolated_to": LLAVA_665K,
+                    "in_memory_prepare_min": round(results["in_memory"]["prepare_s"] * scale / 60, 1),
+                    "in_memory_rss_added_mib": round(results["in_memory"]["rss_added_mib"] * scale, 0),
                     "cold_prepare_min": round(results["cold"]["prepare_s"] * scale / 60, 1),
                     "warm_first_batch_s": round(results["warm"]["first_batch_s"] * scale, 1),
                     "cold_rss_added_mib": round(results["cold"]["rss_added_mib"] * scale, 0),
