@@ -3,6 +3,7 @@ that is not a multiple of the patch, a bare Dinov2Model. Each is a tiny random t
 (config.json with `vision_config` for dual encoders, model.safetensors, preprocessor_config.json)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from eve_vlm.train.recipe import load_recipe
 
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]  # unlike any family's, so the folder's values are seen
 
 # Preprocessor configs as the real checkpoints ship them (old-style CLIP ints; SigLIP's square resize; DINOv2's
@@ -244,3 +246,9 @@ def test_a_folder_without_preprocessor_config_falls_back_to_the_family_statistic
     _, processor = stages.build_from_parts(load_recipe(write_recipe(tmp_path, lm_folder, tmp_path / "tower")))
     assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
     assert processor("<image>", images=[picture()])["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_the_clip336_qwen_example_recipe_loads():
+    recipe = load_recipe(ROOT / "recipes/examples/clip336-qwen2.5-stage1.yaml")
+    assert recipe.stage == 1 and recipe.model.vision_tower.endswith("clip-vit-large-patch14-336")
+    assert recipe.model.image_aspect_ratio == "pad" and recipe.model.image_size is None  # the tower's 336
