@@ -6,7 +6,7 @@ A tower folder is a transformers checkpoint in one of two layouts, both tested:
   `google/siglip-so400m-patch14-384` and the fixed-resolution SigLIP 2 checkpoints, which are `SiglipModel`s):
   `config.json` has a `vision_config`. Only the vision model is built (`CLIPVisionModel`, `SiglipVisionModel`,
   the class transformers' `AutoModel` maps the vision config to) and only its weights are loaded; the text
-  tower's weights stay on disk;
+  tower's weights are skipped by transformers' loader;
 - a bare vision model (`CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`, ...).
 
 `read_tower_config` reads only `config.json`, so a folder that holds no vision model (an LLM, a NaFlex SigLIP 2
@@ -109,11 +109,8 @@ def load_vision_tower(folder: str | Path, *, dtype=None, log=print) -> PreTraine
             f"{type(tower).__name__} weights are not in its weights file (e.g. {missing[0]}); it does not hold "
             "this vision model's weights."
         )
-    part = (
-        f"the vision model of a {type(config).__name__} checkpoint"
-        if vision is not config
-        else "a vision model"
-    )
+    holds = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    part = f"the vision model of a {holds} checkpoint" if vision is not config else "a vision model"
     dropped = len(info["unexpected_keys"])
     log(
         f"vision tower: {type(tower).__name__} from {folder} ({part}"
