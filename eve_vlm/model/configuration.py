@@ -120,7 +120,8 @@ class EveConfig(PreTrainedConfig):
     Args:
         vision_config: Config of the vision tower (any `AutoModel` vision model); default DINOv2.
         text_config: Config of the causal LM (any `AutoModelForCausalLM`); default Llama.
-        image_size: Input image side in pixels; defaults to `vision_config.image_size`.
+        image_size: Input image side in pixels; defaults to `vision_config.image_size`. It need not be a
+            multiple of the patch size (see `patch_grid`).
         vision_feature_layer: Hidden-state index taken from the vision tower (-2: penultimate), or a list of
             indices whose features are concatenated on the channel axis (as transformers' Llava allows), e.g.
             `[0, -2]` to give the projector the patch embeddings, where colour is linear, next to deep features.
@@ -175,10 +176,10 @@ class EveConfig(PreTrainedConfig):
                 f"projector_type={self.projector_type!r} is unknown; choose one of {sorted(PROJECTOR_KINDS)}."
             )
         patch = int(self.vision_config.patch_size)
-        if self.image_size % patch:
+        if self.image_size < patch:
             raise ConfigError(
-                f"image_size={self.image_size} is not a multiple of the vision tower's patch_size={patch}; "
-                f"use e.g. {self.image_size // patch * patch or patch}."
+                f"image_size={self.image_size} is smaller than the vision tower's patch_size={patch}; use at "
+                f"least {patch}."
             )
         num_layers = int(self.vision_config.num_hidden_layers)
         layers = self.vision_feature_layers
@@ -208,7 +209,13 @@ class EveConfig(PreTrainedConfig):
 
     @property
     def patch_grid(self) -> int:
-        """Side of the square patch grid the vision tower produces."""
+        """Side of the square patch grid the vision tower produces: image_size // patch_size.
+
+        A size that is not a multiple of the patch is used as the tower itself uses it: its patch embedding is a
+        convolution with stride = kernel = patch, which drops the last image_size % patch pixel rows and
+        columns (SigLIP-so400m at 384 px with 14-px patches gives the 27 x 27 grid of its 729 position
+        embeddings, and the right and bottom 6 px are not seen).
+        """
         return self.image_size // int(self.vision_config.patch_size)
 
     @property

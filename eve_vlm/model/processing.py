@@ -1,7 +1,9 @@
 """`EveProcessor`: image processor + tokenizer; expands each `<image>` into the model's N placeholder tokens.
 
-The image processor is transformers' PIL-backed CLIP processor (no torchvision) set to resize straight to the
-tower's square input and normalise with the tower family's mean and std. The `<image>` placeholder is added to
+The image processor is the tower folder's own (its `preprocessor_config.json`: mean, std, resize, centre crop;
+see `tower.build_image_processor`), PIL-backed (no torchvision), giving the tower's square input. With
+`image_aspect_ratio="pad"` each image is first padded to a square with the processor's mean colour, as
+LLaVA-1.5's `expand2square` does, so the crop cuts nothing off. The `<image>` placeholder is added to
 the tokenizer as a special token; its id may lie past the LM's embedding table, which the model handles (it
 never embeds the placeholder, it overwrites it with image features).
 """
@@ -11,32 +13,23 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
-from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.image_processing_utils import BaseImageProcessor
 
 from eve_vlm.errors import ConfigError, ImageTokenMismatchError
+from eve_vlm.model.tower import build_image_processor
 
-NORMALISATION = {
-    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-}
+IMAGE_ASPECT_RATIOS = ("resize", "pad")
 
 
-def build_image_processor(vision_config: PreTrainedConfig, image_size: int) -> CLIPImageProcessorPil:
-    """A square-resize + normalise image processor for the given tower (ImageNet statistics by default)."""
-    mean, std = NORMALISATION.get(vision_config.model_type, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return CLIPImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        do_center_crop=False,
-        do_convert_rgb=True,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
+def expand_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """`image` centred on a square canvas of its longer side filled with `colour` (LLaVA's `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 # Dedicated padding tokens some tokenizers carry without declaring them as `pad_token` (Llama 3.1+, Qwen).
@@ -68,7 +61,7 @@ class EveProcessor(ProcessorMixin):
     """Prepares text and images for `EveForConditionalGeneration`.
 
     Args:
-        image_processor: Resizes and normalises images to the tower's input.
+        image_processor: Resizes (and crops) and normalises images to the tower's input.
         tokenizer: The LM's tokenizer, with `image_token` registered as a special token.
         num_image_tokens: Placeholder tokens per image (`EveConfig.num_image_tokens`).
         image_token: The placeholder text.
@@ -77,6 +70,9 @@ class EveProcessor(ProcessorMixin):
             `data.system_prompt`); prompts for image requests built by `eve chat` and the evaluations use it.
             None = the chat template's default. Text-only requests never use it: they render as the base
             LLM's chat does.
+        image_aspect_ratio: `resize`: images go to the image processor as they are (its resize and centre
+            crop); `pad`: each image is first padded to a square with the processor's mean colour (LLaVA-1.5's
+            `image_aspect_ratio: pad`), so nothing is cropped or distorted.
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -90,8 +86,14 @@ class EveProcessor(ProcessorMixin):
         image_token: str = "<image>",
         chat_template: str | None = None,
         system_prompt: str | None = None,
+        image_aspect_ratio: str = "resize",
         **kwargs,
     ):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ConfigError(
+                f"image_aspect_ratio={image_aspect_ratio!r} is unknown; use one of {', '.join(IMAGE_ASPECT_RATIOS)}."
+            )
+        self.image_aspect_ratio = image_aspect_ratio
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.system_prompt = system_prompt
@@ -109,15 +111,22 @@ class EveProcessor(ProcessorMixin):
         image_size: int,
         num_image_tokens: int,
         image_token="<image>",
+        tower_folder: str | None = None,
+        image_aspect_ratio: str = "resize",
     ) -> EveProcessor:
-        """Builds a processor for a new model, registering the placeholder token with the tokenizer."""
+        """Builds a processor for a new model, registering the placeholder token with the tokenizer.
+
+        The image processor is the one of `tower_folder` when it has a `preprocessor_config.json` (see
+        `tower.build_image_processor`).
+        """
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([image_token], special_tokens=True)
         return cls(
-            image_processor=build_image_processor(vision_config, image_size),
+            image_processor=build_image_processor(vision_config, image_size, tower_folder),
             tokenizer=tokenizer,
             num_image_tokens=num_image_tokens,
             image_token=image_token,
+            image_aspect_ratio=image_aspect_ratio,
         )
 
     @property
@@ -165,9 +174,7 @@ class EveProcessor(ProcessorMixin):
             )
         )
         if images:
-            data["pixel_values"] = self.image_processor(images=images, return_tensors=return_tensors)[
-                "pixel_values"
-            ]
+            data["pixel_values"] = self.pixel_values(images, return_tensors)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def load_images(self, paths: list[str]) -> torch.Tensor:
@@ -176,7 +183,19 @@ class EveProcessor(ProcessorMixin):
         for path in paths:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.pixel_values(images)
+
+    @property
+    def pad_colour(self) -> tuple[int, int, int]:
+        """The image processor's mean as an RGB colour (0-255): it normalises to 0."""
+        processor: BaseImageProcessor = self.image_processor
+        return tuple(round(float(m) * 255) for m in processor.image_mean)
+
+    def pixel_values(self, images: list, return_tensors="pt") -> torch.Tensor:
+        """`pixel_values` (N, 3, H, W) of PIL images, padded to squares first with `image_aspect_ratio="pad"`."""
+        if self.image_aspect_ratio == "pad":
+            images = [expand_to_square(image.convert("RGB"), self.pad_colour) for image in images]
+        return self.image_processor(images=images, return_tensors=return_tensors)["pixel_values"]
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -1,7 +1,9 @@
 """The elastic vision encoder: any Hugging Face vision tower, frozen, swappable.
 
 The tower is built with `AutoModel.from_config` (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ... anything
-that returns `hidden_states`). Features come from one hidden layer (default the penultimate, as in LLaVA and
+that returns `hidden_states`); `tower.load_vision_tower` loads one from a folder, a dual encoder's vision half
+included. An image side that is not a multiple of the patch gives image_size // patch_size patches a side, as
+the tower's strided patch convolution does (SigLIP-so400m 384/14: 27 x 27). Features come from one hidden layer (default the penultimate, as in LLaVA and
 Eve), and the prefix tokens (CLS, registers) are dropped: their count is the sequence length minus the number
 of patches, so towers with and without CLS are handled alike. Optionally the features are standardised per
 token (a LayerNorm with no parameters, as InternVL's projector starts with a LayerNorm): a tower's inner hidden

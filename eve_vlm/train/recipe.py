@@ -22,6 +22,7 @@ import yaml
 from eve_vlm.data.llava import CHECK_IMAGES
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
+from eve_vlm.model.processing import IMAGE_ASPECT_RATIOS
 
 STAGES = (1, 2, 3)
 ROUTER_INITS = ("random", "modality")
@@ -50,6 +51,10 @@ class ModelSpec:
             concatenated.
         vision_feature_norm: Standardise each patch feature (LayerNorm without parameters) before the
             projector.
+        image_aspect_ratio: `resize` (images go to the tower's image processor as they are: its resize and
+            centre crop) or `pad` (padded to a square with the processor's mean colour first, LLaVA-1.5's
+            `image_aspect_ratio: pad`); saved with the processor. Unset: the previous stage's, `resize` at
+            stage 1.
         dtype: `float32` or `bfloat16` weights.
     """
 
@@ -61,12 +66,17 @@ class ModelSpec:
     image_size: int | None = None
     vision_feature_layer: int | list[int] = -2
     vision_feature_norm: bool = False
+    image_aspect_ratio: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.init_from is None and (self.language_model is None or self.vision_tower is None):
             raise ConfigError(
                 "model: give either init_from (a previous stage) or both language_model and vision_tower."
+            )
+        if self.image_aspect_ratio not in (None, *IMAGE_ASPECT_RATIOS):
+            raise ConfigError(
+                f"model.image_aspect_ratio={self.image_aspect_ratio!r}: use {' or '.join(IMAGE_ASPECT_RATIOS)}."
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype={self.dtype!r}: use float32 or bfloat16.")

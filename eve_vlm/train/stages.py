@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.cache import CachedDataset, PreparedData, prepare_cache
@@ -37,6 +37,7 @@ from eve_vlm.data.llava import DataSource
 from eve_vlm.errors import CheckpointError, ConfigError, DataError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.folder import check_eve_folder
+from eve_vlm.model.tower import load_vision_tower, read_tower_config
 from eve_vlm.train.recipe import Recipe
 from eve_vlm.train.trainable import apply_trainable_rules
 from eve_vlm.train.trainer import EveTrainer
@@ -60,8 +61,10 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
                 f"model.{key}: folder {getattr(spec, key)} does not exist (run `eve prepare`?)."
             )
     dtype = DTYPES[spec.dtype]
+    tower_dir = expand(spec.vision_tower)
+    read_tower_config(tower_dir)  # a folder with no vision model fails here, before any model is built
     lm = AutoModelForCausalLM.from_pretrained(expand(spec.language_model), dtype=dtype)
-    tower = AutoModel.from_pretrained(expand(spec.vision_tower), dtype=dtype)
+    tower = load_vision_tower(tower_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(expand(spec.language_model))
     config = EveConfig(
         text_config=lm.config,
@@ -77,6 +80,8 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
         vision_config=config.vision_config,
         image_size=config.image_size,
         num_image_tokens=config.num_image_tokens,
+        tower_folder=tower_dir,
+        image_aspect_ratio=spec.image_aspect_ratio or "resize",
     )
     config.image_token_id = processor.image_token_id
     llm_dir = Path(expand(spec.language_model)).resolve()
@@ -104,6 +109,8 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
             raise ConfigError(f"model.init_from: {err}") from None
         model = EveForConditionalGeneration.from_pretrained(source, dtype=DTYPES[recipe.model.dtype])
         processor = EveProcessor.from_pretrained(source)
+        if recipe.model.image_aspect_ratio is not None:
+            processor.image_aspect_ratio = recipe.model.image_aspect_ratio
     if recipe.lora is not None and model.config.lora is None:
         model.add_lora(**recipe.lora.to_peft())
     if recipe.evf is not None:

@@ -310,8 +310,9 @@ def test_unknown_names_and_bad_indices_raise():
         model.add_elastic_vision_ffns("odd")
     with pytest.raises(ConfigError, match="Unknown EVF option"):
         model.add_elastic_vision_ffns("alternate", capacity=3)
-    with pytest.raises(ConfigError, match="not a multiple"):
-        tiny_eve_config(image_size=30)
+    with pytest.raises(ConfigError, match="smaller than the vision tower's patch_size=8"):
+        tiny_eve_config(image_size=4)
+    assert tiny_eve_config(image_size=30).patch_grid == 3  # as the tower's strided patch convolution: 30 // 8
     model.add_elastic_vision_ffns([1])
     with pytest.raises(ConfigError, match="already"):
         model.add_elastic_vision_ffns([2])
