@@ -184,8 +184,11 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             raise ConfigError(
                 "This model already has Elastic Vision FFNs; convert a plain (stage 1/2) model."
             )
+        before = set(self.language_model._no_split_modules or ())
         insert_evf_layers(self.language_model, evf)
-        self._no_split_modules = set(self._no_split_modules or ()) | self.language_model._no_split_modules
+        # As `post_init` would collect them now: the `Evf<...>` layer classes in, a class no layer has left out.
+        own = set(self._no_split_modules or ()) - before
+        self._no_split_modules = own | self.language_model._no_split_modules
         self.config.evf = evf.to_dict()
         return evf.layers
 
