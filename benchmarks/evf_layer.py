@@ -240,7 +240,7 @@ def _build_evf(ffn: nn.Module) -> tuple[nn.Module, Step, str]:
         evf.router.weight.copy_(router_weight())
 
     def step(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, list[int] | None]:
-        out = evf(x, mask)
+        out = evf.route(x, mask)
         return out.hidden_states, out.aux_loss, out.stats.tokens_per_expert.tolist()
 
     return evf, step, "eve_vlm-ElasticVisionFFN-img_gbpr"

@@ -1,105 +1,86 @@
-"""`EveDecoderLayer`: a pre-norm decoder layer whose FFN is an Elastic Vision FFN, and the stage-3 conversion.
+"""Stage-3 conversion: a decoder layer keeps its class and its forward; only its FFN becomes an Elastic Vision FFN.
 
 transformers' decoder layers call `self.mlp(hidden_states)` with no other argument, so an FFN cannot see which
-tokens are image tokens. Rather than patch those classes, stage 3 replaces each chosen decoder layer by an
-`EveDecoderLayer` built from the *same* submodules (`input_layernorm`, `self_attn`, `post_attention_layernorm`,
-`mlp`, under the same names, so parameter names do not change) with the same forward, plus two keyword
-arguments that transformers' decoder passes down untouched through `**kwargs`:
+tokens are image tokens. For each chosen layer, stage 3 changes two things and nothing else:
 
-- `image_mask` (B, T) bool: which positions hold image tokens (design decision 3), and `has_image` (B,) bool:
-  which sequences hold an image anywhere, the KV cache included. Because they are forward arguments, gradient
-  checkpointing replays them on recompute, and during KV-cache decoding `image_mask` covers only the new (text)
-  tokens while `has_image` keeps image requests on the routed path; `token_mask` (B, T) bool, False at padding
-  (from the 2-D `attention_mask`): padding takes the language FFN and is never routed.
-- `routing_recorder`: a `RoutingRecorder` the top model creates per forward to collect each EVF layer's aux
-  loss and routing statistics, so the decoder loop keeps returning a plain tensor.
+- Composition: `layer.mlp` becomes an `ElasticVisionFFN` that owns the original FFN as its frozen expert 0
+  (parameter names `mlp.language_ffn.*`, `mlp.vision_ffns.*`, `mlp.router.weight`; every other name is the
+  family's own).
+- The layer's class becomes `Evf<LayerClass>` (`evf_layer_class`), a subclass of the family's own class, made
+  once per class, that only changes how the FFN is called: its `forward` takes one more keyword argument,
+  `evf_routing` (`RoutingInputs`: image mask, `has_image`, padding mask, recorder), binds it to the layer's EVF
+  for the duration of the call and runs the family's forward unchanged (pre-norm, sandwich norms, scaled
+  residuals, whatever the family does). The existing layer object is re-classed in place, as
+  `torch.nn.utils.parametrize` does, so its submodules and hooks stay as they are.
 
-Supported: families whose decoder layer is exactly the Llama pre-norm block (Llama/SmolLM2, Qwen2, Qwen3,
-Mistral, ...). Other layouts raise `ConfigError` at conversion instead of silently computing something else.
+Why it holds:
+- Gradient checkpointing: transformers checkpoints `partial(forward, **kwargs)` of the outermost layer class, so
+  the recompute in backward calls this forward again with the same `evf_routing`, after the model's forward
+  returned; the recorder keeps the first record per layer.
+- KV-cache decoding: every step brings its own `evf_routing`; `has_image` keeps image requests routed while their
+  new tokens are text.
+- `isinstance(layer, LlamaDecoderLayer)` (transformers' `output_hidden_states` capture, FSDP auto-wrap by class)
+  still holds. Tools keyed on class names (`device_map`'s `_no_split_modules`) get the `Evf<...>` names added.
+
+Supported: every family whose decoder layers own an `mlp` module and call it on the hidden states (Llama,
+Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3, OLMo2, Granite, ...); a layer without one raises `ConfigError`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.configuration import EvfConfig, resolve_placement
-from eve_vlm.model.evf import ElasticVisionFFN, EVFOutput
+from eve_vlm.model.evf import ElasticVisionFFN, RoutingInputs, RoutingRecorder
 
-PRE_NORM_BLOCK = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+__all__ = [
+    "EvfDecoderLayer",
+    "RoutingInputs",
+    "RoutingRecorder",
+    "decoder_layers",
+    "evf_layer_class",
+    "evf_modules",
+    "insert_evf_layers",
+]
 
 
-class RoutingRecorder:
-    """Collects the `EVFOutput` of every EVF layer during one forward pass.
+class EvfDecoderLayer(nn.Module):
+    """Mixed in front of a decoder-layer class by `evf_layer_class`: the family's forward, with the layer's EVF
+    bound to `evf_routing` for the call.
 
-    Only the first record per layer is kept, so a gradient-checkpointing recompute does not overwrite it.
+    Attributes:
+        evf_layer_idx: Index of the layer in the decoder (the key of its routing statistics).
     """
 
-    def __init__(self) -> None:
-        self.outputs: dict[int, EVFOutput] = {}
-
-    def record(self, layer_idx: int, output: EVFOutput) -> None:
-        self.outputs.setdefault(layer_idx, output)
-
-
-class EveDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder block `x + attn(norm(x))`, then `h + evf(norm(h), image_mask)`.
-
-    Args:
-        layer_idx: Index of the layer in the decoder (used as the key of its routing statistics).
-        input_layernorm, self_attn, post_attention_layernorm: The original layer's submodules.
-        mlp: The `ElasticVisionFFN` that owns the original FFN as expert 0.
-    """
-
-    def __init__(
-        self,
-        *,
-        layer_idx: int,
-        input_layernorm: nn.Module,
-        self_attn: nn.Module,
-        post_attention_layernorm: nn.Module,
-        mlp: ElasticVisionFFN,
-    ):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.self_attn = self_attn
-        self.mlp = mlp
-        self.input_layernorm = input_layernorm
-        self.post_attention_layernorm = post_attention_layernorm
+    evf_layer_idx: int
+    mlp: ElasticVisionFFN
 
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, T, D)
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        image_mask: torch.Tensor | None = None,  # (B, T) bool
-        has_image: torch.Tensor | None = None,  # (B,) bool
-        token_mask: torch.Tensor | None = None,  # (B, T) bool, False at padding
-        routing_recorder: RoutingRecorder | None = None,
-        **kwargs,  # the KV cache (`past_key_values`, or `cache` from transformers 5.24), `use_cache`, ...
-    ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
+        *args,
+        evf_routing: RoutingInputs | None = None,
+        **kwargs,  # the family's own arguments (attention mask, position embeddings, KV cache, ...)
+    ):
+        with self.mlp.bind(evf_routing, self.evf_layer_idx):
+            return super().forward(hidden_states, *args, **kwargs)
 
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        if image_mask is None:
-            image_mask = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-        out = self.mlp(hidden_states, image_mask, has_image, token_mask)
-        if routing_recorder is not None:
-            routing_recorder.record(self.layer_idx, out)
-        return residual + out.hidden_states
+
+@functools.cache
+def evf_layer_class(layer_class: type[nn.Module]) -> type[nn.Module]:
+    """`Evf<LayerClass>`, the subclass of `layer_class` that EVF layers take (one per class, made on first use)."""
+    return type(
+        f"Evf{layer_class.__name__}",
+        (EvfDecoderLayer, layer_class),
+        {
+            "__module__": __name__,
+            "__doc__": f"A `{layer_class.__name__}` whose `mlp` is an ElasticVisionFFN.",
+        },
+    )
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
@@ -108,49 +89,61 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(
             f"{type(language_model).__name__} has no `layers` ModuleList in its decoder; Eve needs a decoder-only "
-            "LM whose layers have `.mlp` (Llama, Qwen2, Qwen3, Mistral, ...)."
+            "LM whose layers own an `mlp` (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3, OLMo2, Granite, ...)."
         )
     return layers
 
 
-def to_eve_layer(layer: nn.Module, layer_idx: int, evf: EvfConfig, hidden_size: int) -> EveDecoderLayer:
-    """Builds an `EveDecoderLayer` around the submodules of a standard pre-norm decoder layer."""
-    if isinstance(layer, EveDecoderLayer):
-        raise ConfigError(f"Decoder layer {layer_idx} already has an Elastic Vision FFN.")
-    children = {name for name, _ in layer.named_children()}
-    if children != PRE_NORM_BLOCK:
+def check_convertible(layer: nn.Module, layer_idx: int) -> None:
+    """Raises `ConfigError` unless `layer` is a plain decoder layer that owns an `mlp` module."""
+    name = type(layer).__name__
+    if isinstance(layer, EvfDecoderLayer):
+        raise ConfigError(f"Decoder layer {layer_idx} ({name}) already has an Elastic Vision FFN.")
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module) or next(mlp.parameters(), None) is None:
+        children = sorted(child for child, _ in layer.named_children())
         raise ConfigError(
-            f"Decoder layer {layer_idx} ({type(layer).__name__}) has submodules {sorted(children)}; EVF insertion "
-            f"supports the pre-norm block {sorted(PRE_NORM_BLOCK)} (Llama, Qwen2, Qwen3, Mistral families)."
+            f"Decoder layer {layer_idx} ({name}) has no `mlp` FFN module (its submodules: {children}); EVF "
+            "insertion replaces `layer.mlp` and needs a family whose decoder layers own one (Llama, Mistral, "
+            "Qwen2, Qwen3, Gemma 2/3, Phi-3, OLMo2, Granite, ...). Use such a language model, or train this one "
+            "without stage 3 (stages 1 and 2 work with any causal LM)."
         )
-    options = {k: v for k, v in evf.to_dict().items() if k != "layers"}
-    mlp = ElasticVisionFFN(language_ffn=layer.mlp, hidden_size=hidden_size, **options)
-    param = next(layer.mlp.parameters())
-    mlp.to(device=param.device)
-    return EveDecoderLayer(
-        layer_idx=layer_idx,
-        input_layernorm=layer.input_layernorm,
-        self_attn=layer.self_attn,
-        post_attention_layernorm=layer.post_attention_layernorm,
-        mlp=mlp,
-    )
 
 
 def insert_evf_layers(language_model: nn.Module, evf: EvfConfig) -> list[int]:
-    """Replaces the decoder layers listed in `evf.layers` by `EveDecoderLayer`s, in place.
+    """Gives the decoder layers listed in `evf.layers` an Elastic Vision FFN, in place.
 
     The original FFN object becomes expert 0 (frozen), the vision FFNs start as its copies, so right after
-    insertion with `combine="hard"` the model computes what it computed before.
+    insertion with `combine="hard"` the model computes what it computed before. Every layer is checked before
+    any is changed.
 
     Returns:
         The indices of the converted layers.
     """
     layers = decoder_layers(language_model)
     resolve_placement(evf.layers, len(layers))  # range check
-    hidden_size = int(language_model.config.hidden_size)
     for i in evf.layers:
-        layers[i] = to_eve_layer(layers[i], i, evf, hidden_size).train(layers[i].training)
+        check_convertible(layers[i], i)
+    hidden_size = int(language_model.config.hidden_size)
+    options = {k: v for k, v in evf.to_dict().items() if k != "layers"}
+    for i in evf.layers:
+        layer = layers[i]
+        param = next(layer.mlp.parameters())
+        mlp = ElasticVisionFFN(language_ffn=layer.mlp, hidden_size=hidden_size, **options)
+        layer.mlp = mlp.to(device=param.device).train(layer.training)
+        layer.__class__ = evf_layer_class(type(layer))
+        layer.evf_layer_idx = i
+    language_model._no_split_modules = no_split_modules(language_model)
     return list(evf.layers)
+
+
+def no_split_modules(language_model: nn.Module) -> set[str]:
+    """The language model's `_no_split_modules` with the `Evf<...>` layer classes it now holds, and without a
+    layer class none of its layers has any more (accelerate's FSDP auto-wrap raises on a name it cannot find)."""
+    names = set(getattr(language_model, "_no_split_modules", None) or ())
+    present = {type(layer).__name__ for layer in decoder_layers(language_model)}
+    originals = {cls.__name__ for layer in decoder_layers(language_model) for cls in type(layer).__mro__}
+    return (names - (originals - present)) | present
 
 
 def evf_modules(language_model: nn.Module) -> dict[int, ElasticVisionFFN]:
@@ -158,5 +151,5 @@ def evf_modules(language_model: nn.Module) -> dict[int, ElasticVisionFFN]:
     return {
         i: layer.mlp
         for i, layer in enumerate(decoder_layers(language_model))
-        if isinstance(layer, EveDecoderLayer)
+        if isinstance(layer, EvfDecoderLayer)
     }

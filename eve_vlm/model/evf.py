@@ -10,6 +10,10 @@ cost is linear in the number of tokens; dropped tokens get 0 from the expert bra
 Elastic guarantee: when a batch has no image token, the output is `language_ffn(hidden_states)` itself,
 bit for bit (no router, no weight, no residual mix), so the text path of the language model is unchanged.
 
+Two calls: `route(hidden_states, image_mask, ...)` returns an `EVFOutput` (output, balance loss, statistics);
+`forward(hidden_states)` is the FFN-slot call a decoder layer makes (`self.mlp(hidden_states)`), which routes
+with the `RoutingInputs` its layer bound for that call (see `decoder_layer.py`) and returns the output tensor.
+
 Shape letters: B batch, T tokens per sequence, D hidden size, S = B * T flattened tokens, E experts,
 K experts chosen per token (top_k).
 
@@ -24,6 +28,8 @@ combine weights over the k chosen experts for top_k > 1, and the routing statist
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +40,7 @@ from eve_vlm.errors import ConfigError
 from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert_capacity, get_policy
 from eve_vlm.model.lora import adapters_disabled, lora_layers
 
-__all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingStats"]
+__all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingInputs", "RoutingRecorder", "RoutingStats"]
 
 COMBINE_MODES = ("soft", "hard", "straight_through")
 BALANCE_LOSSES = ("switch", "l1", "none")
@@ -106,6 +112,37 @@ class EVFOutput:
     aux_loss: Tensor
     stats: RoutingStats
     router_loss: Tensor | None = None
+
+
+class RoutingRecorder:
+    """Collects the `EVFOutput` of every EVF layer during one forward pass of the model.
+
+    Only the first record per layer is kept, so a gradient-checkpointing recompute does not overwrite it.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, EVFOutput] = {}
+
+    def record(self, layer_idx: int, output: EVFOutput) -> None:
+        self.outputs.setdefault(layer_idx, output)
+
+
+@dataclass(frozen=True)
+class RoutingInputs:
+    """What an EVF needs besides the hidden states, for one forward pass of the decoder.
+
+    Attributes:
+        image_mask: [B, T] bool, True at image tokens.
+        has_image: [B] bool, whether each sequence holds an image, its KV cache included (None: from
+            `image_mask`).
+        token_mask: [B, T] bool, False at padding (None: no padding).
+        recorder: Where each EVF layer records its `EVFOutput` (None: not recorded).
+    """
+
+    image_mask: Tensor
+    has_image: Tensor | None = None
+    token_mask: Tensor | None = None
+    recorder: RoutingRecorder | None = None
 
 
 class ElasticVisionFFN(nn.Module):
@@ -198,6 +235,7 @@ class ElasticVisionFFN(nn.Module):
         self.vision_ffns = nn.ModuleList(ffn.requires_grad_(True) for ffn in vision)
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.coefficient = nn.Linear(hidden_size, 2) if use_residual else None
+        self._bound: tuple[RoutingInputs, int] | None = None
         self.reset_parameters()
 
     def set_allocation(self, allocation: str) -> None:
@@ -226,7 +264,34 @@ class ElasticVisionFFN(nn.Module):
         if self.coefficient is not None:
             self.coefficient.reset_parameters()
 
-    def forward(
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """The call a decoder layer makes on its FFN, `mlp(hidden_states)`: (B, T, D) -> (B, T, D).
+
+        Routes with the `RoutingInputs` that the layer bound for this call (`bind`), records the `EVFOutput` in
+        their recorder, and returns its hidden states. With nothing bound (the language model run on its own)
+        there is no image: the output is `language_ffn(hidden_states)`.
+        """
+        bound = self._bound
+        if bound is None:
+            return self._language_only(hidden_states).hidden_states
+        inputs, layer_idx = bound
+        out = self.route(hidden_states, inputs.image_mask, inputs.has_image, inputs.token_mask)
+        if inputs.recorder is not None:
+            inputs.recorder.record(layer_idx, out)
+        return out.hidden_states
+
+    @contextmanager
+    def bind(self, inputs: RoutingInputs | None, layer_idx: int) -> Iterator[None]:
+        """Makes `inputs` the routing inputs of the `forward` calls inside the block (`layer_idx` keys the
+        recorded output); the previous binding is restored on exit."""
+        previous = self._bound
+        self._bound = None if inputs is None else (inputs, layer_idx)
+        try:
+            yield
+        finally:
+            self._bound = previous
+
+    def route(
         self,
         hidden_states: Tensor,
         image_mask: Tensor,

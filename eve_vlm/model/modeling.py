@@ -5,8 +5,9 @@ Features:
   the LM's parameter names stay those of the base model under the `language_model.` prefix.
 - Image features fill the `<image>` placeholder positions with `masked_scatter` after a count check
   (as transformers' `LlavaForConditionalGeneration`); the placeholder id may lie outside the LM vocabulary.
-- Stage 3 (`add_elastic_vision_ffns`) swaps chosen decoder layers for `EveDecoderLayer`s with an
-  `ElasticVisionFFN`; the image mask reaches them as a forward argument (see `decoder_layer.py`).
+- Stage 3 (`add_elastic_vision_ffns`) gives chosen decoder layers an `ElasticVisionFFN` as their `mlp`; the
+  layers keep their family's class (as a subclass) and forward, and the image mask reaches their EVF as one
+  forward argument, `evf_routing` (see `decoder_layer.py`).
 - The elastic guarantee, per sequence: a sequence with no image token runs only the language FFNs with weight 1
   and without LoRA, so its logits are the base LLM's, also inside a batch with image sequences.
 - Typed output: logits, loss = CE + aux_loss_coef * sum of EVF balance losses, aux loss, per-layer routing.
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
 from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
-from eve_vlm.model.decoder_layer import RoutingRecorder, evf_modules, insert_evf_layers
+from eve_vlm.model.decoder_layer import RoutingInputs, RoutingRecorder, evf_modules, insert_evf_layers
 from eve_vlm.model.evf import RoutingStats
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.lora import adapters_disabled, adapters_per_row, add_lora, lora_layers
@@ -123,7 +124,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             add_lora(self.language_model, config.lora)
         if config.evf is not None:
             insert_evf_layers(self.language_model, config.evf_config)
-        self.post_init()
+        self.post_init()  # collects the children's `_no_split_modules`, the `Evf<...>` layer classes included
         self.freeze_defaults()
 
     def freeze_defaults(self) -> None:
@@ -183,7 +184,11 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             raise ConfigError(
                 "This model already has Elastic Vision FFNs; convert a plain (stage 1/2) model."
             )
+        before = set(self.language_model._no_split_modules or ())
         insert_evf_layers(self.language_model, evf)
+        # As `post_init` would collect them now: the `Evf<...>` layer classes in, a class no layer has left out.
+        own = set(self._no_split_modules or ()) - before
+        self._no_split_modules = own | self.language_model._no_split_modules
         self.config.evf = evf.to_dict()
         return evf.layers
 
@@ -261,9 +266,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 token_mask = attention_mask[:, -inputs_embeds.shape[1] :].to(torch.bool)
                 if bool(token_mask.all()):
                     token_mask = None
-            kwargs.update(
-                image_mask=image_mask, has_image=has_image, token_mask=token_mask, routing_recorder=recorder
-            )
+            kwargs["evf_routing"] = RoutingInputs(image_mask, has_image, token_mask, recorder)
         with self._text_path_context(has_image):
             out = self.language_model(
                 inputs_embeds=inputs_embeds,

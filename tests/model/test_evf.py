@@ -55,7 +55,7 @@ def _reference_keep_gbpr(probs, expert_idx, capacity):
 def test_text_only_batch_is_the_language_ffn_bit_for_bit(training, options):
     evf = _evf(**options).train(training)
     x, _ = _batch()
-    out = evf(x, torch.zeros(2, 6, dtype=torch.bool))
+    out = evf.route(x, torch.zeros(2, 6, dtype=torch.bool))
     assert torch.equal(out.hidden_states, evf.language_ffn(x))
     assert out.aux_loss.item() == 0.0 and out.aux_loss.dim() == 0
     assert out.stats.routed_text.tolist() == [12] + [0] * (evf.num_experts - 1)
@@ -70,7 +70,7 @@ def test_copied_vision_ffn_with_hard_combine_equals_the_language_ffn(allocation)
         language_ffn=_mlp(), hidden_size=HIDDEN, combine="hard", allocation=allocation, seed=0
     ).eval()
     x, mask = _batch(seq_len=9)
-    out = evf(x, mask)
+    out = evf.route(x, mask)
     torch.testing.assert_close(out.hidden_states, evf.language_ffn(x))
     assert out.stats.dropped_image.sum() == 0 and out.stats.dropped_text.sum() == 0
 
@@ -79,7 +79,7 @@ def test_copied_vision_ffn_with_hard_combine_equals_the_language_ffn(allocation)
 def test_soft_combine_matches_a_per_token_reference(capacity_factor):
     evf = _evf(allocation="gbpr", capacity_factor=capacity_factor).train()
     x, mask = _batch(seed=1, batch=3, seq_len=5)
-    out = evf(x, mask).hidden_states.reshape(-1, HIDDEN)
+    out = evf.route(x, mask).hidden_states.reshape(-1, HIDDEN)
 
     tokens = x.reshape(-1, HIDDEN)
     probs = (tokens @ evf.router.weight.T).softmax(-1)
@@ -100,8 +100,8 @@ def test_straight_through_combine_computes_hard_with_the_soft_gradient_over_p():
     hard = copy.deepcopy(st)
     hard.combine = "hard"
     x, mask = _batch(seed=3, batch=2, seq_len=7)
-    out = st(x, mask).hidden_states
-    assert torch.equal(out, hard(x, mask).hidden_states)  # forward: weight exactly 1
+    out = st.route(x, mask).hidden_states
+    assert torch.equal(out, hard.route(x, mask).hidden_states)  # forward: weight exactly 1
 
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
@@ -125,7 +125,7 @@ def test_top2_soft_combine_renormalises_over_the_chosen_experts():
     evf = _evf(num_experts=3, top_k=2).eval()
     evf.eval_capacity_factor = 10.0  # nothing dropped
     x, mask = _batch(seed=2)
-    out = evf(x, mask).hidden_states.reshape(-1, HIDDEN)
+    out = evf.route(x, mask).hidden_states.reshape(-1, HIDDEN)
     tokens = x.reshape(-1, HIDDEN)
     weights, expert_idx = (tokens @ evf.router.weight.T).softmax(-1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
@@ -141,10 +141,10 @@ def test_residual_mode_matches_the_formula():
     x, mask = _batch(seed=3)
     plain = copy.deepcopy(evf)
     plain.coefficient = None
-    moe = plain(x, mask).hidden_states
+    moe = plain.route(x, mask).hidden_states
     coef = evf.coefficient(x).softmax(-1)
     expected = coef[..., :1] * moe + coef[..., 1:] * evf.language_ffn(x)
-    torch.testing.assert_close(evf(x, mask).hidden_states, expected)
+    torch.testing.assert_close(evf.route(x, mask).hidden_states, expected)
 
 
 @pytest.mark.parametrize(("num_experts", "top_k"), [(2, 1), (3, 1), (3, 2)])
@@ -154,24 +154,24 @@ def test_balance_losses_match_hand_computation(num_experts, top_k):
     losses = {}
     for kind in ("switch", "l1", "none"):
         evf = _evf(num_experts=num_experts, top_k=top_k, balance_loss=kind)
-        losses[kind] = evf(x, mask).aux_loss
+        losses[kind] = evf.route(x, mask).aux_loss
         probs = (tokens @ evf.router.weight.T).softmax(-1)
     mean_prob = probs.mean(0)
     fraction = torch.stack([(probs.argmax(-1) == e).float().mean() for e in range(num_experts)])
     torch.testing.assert_close(losses["switch"], num_experts * (mean_prob * fraction).sum())
     torch.testing.assert_close(losses["l1"], (mean_prob - fraction).abs().sum())
     assert losses["none"].item() == 0.0
-    assert _evf(allocation="modality")(x, mask).aux_loss.item() == 0.0
+    assert _evf(allocation="modality").route(x, mask).aux_loss.item() == 0.0
 
 
 @pytest.mark.parametrize("kind", ["switch", "l1"])
 def test_aux_loss_gives_router_gradients_and_the_language_ffn_is_frozen(kind):
     evf = _evf(balance_loss=kind).train()
     x, mask = _batch(seed=5)
-    out = evf(x, mask)
+    out = evf.route(x, mask)
     out.aux_loss.backward()
     assert evf.router.weight.grad is not None and evf.router.weight.grad.abs().sum() > 0
-    out = evf(x, mask)
+    out = evf.route(x, mask)
     out.hidden_states.sum().backward()
     assert all(not p.requires_grad and p.grad is None for p in evf.language_ffn.parameters())
     assert all(p.requires_grad for p in evf.vision_ffns.parameters())
@@ -205,7 +205,7 @@ def test_module_structure():
 def test_stats_add_up(options):
     evf = _evf(**options).train()
     x, mask = _batch(seed=6, batch=3, seq_len=7)
-    stats = evf(x, mask).stats
+    stats = evf.route(x, mask).stats
     top_k = evf.top_k
     assert stats.routed_image.sum() == mask.sum() * top_k
     assert stats.routed_text.sum() == (~mask).sum() * top_k
@@ -223,8 +223,8 @@ def test_stats_add_up(options):
 def test_eval_mode_uses_the_eval_capacity_factor():
     evf = _evf(allocation="gbpr", capacity_factor=0.5, eval_capacity_factor=3.0)
     x, mask = _batch(seed=7)
-    assert evf.train()(x, mask).stats.capacity == 3
-    assert evf.eval()(x, mask).stats.capacity == 18
+    assert evf.train().route(x, mask).stats.capacity == 3
+    assert evf.eval().route(x, mask).stats.capacity == 18
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_bad_options_raise_config_error(options, named):
 def test_bfloat16_input_keeps_its_dtype_and_stats_are_detached():
     evf = _evf(use_residual=True).to(torch.bfloat16).train()
     x, mask = _batch(seed=8)
-    out = evf(x.to(torch.bfloat16), mask)
+    out = evf.route(x.to(torch.bfloat16), mask)
     assert out.hidden_states.dtype == torch.bfloat16 and out.hidden_states.shape == x.shape
     assert out.aux_loss.dtype == torch.float32 and out.aux_loss.requires_grad
     stats = out.stats
@@ -265,9 +265,9 @@ def test_rows_without_an_image_keep_the_language_path_in_a_mixed_batch():
     evf = _evf(allocation="gbpr").eval()
     x, mask = _batch(batch=3, seq_len=8)
     mask[1] = False  # row 1 is a text-only request
-    out = evf(x, mask)
+    out = evf.route(x, mask)
     assert torch.equal(out.hidden_states[1], evf.language_ffn(x[1:2])[0])
-    routed = evf(x[[0, 2]], mask[[0, 2]])
+    routed = evf.route(x[[0, 2]], mask[[0, 2]])
     torch.testing.assert_close(out.hidden_states[[0, 2]], routed.hidden_states)
     assert int(out.stats.tokens_per_expert.sum()) == 3 * 8
     assert int(out.stats.kept_text[0]) == int(routed.stats.kept_text[0]) + 8
@@ -277,8 +277,8 @@ def test_has_image_keeps_decoding_tokens_of_image_requests_routed():
     evf = _evf(allocation="gbpr", combine="soft").eval()
     x, _ = _batch(batch=2, seq_len=1)
     text = torch.zeros(2, 1, dtype=torch.bool)
-    assert torch.equal(evf(x, text).hidden_states, evf.language_ffn(x))  # a text-only request
-    routed = evf(x, text, has_image=torch.tensor([True, True]))  # a decoding step after an image prompt
+    assert torch.equal(evf.route(x, text).hidden_states, evf.language_ffn(x))  # a text-only request
+    routed = evf.route(x, text, has_image=torch.tensor([True, True]))  # a decoding step after an image prompt
     assert int(routed.stats.routed_text.sum()) == 2
     assert not torch.allclose(routed.hidden_states, evf.language_ffn(x))  # soft weights < 1 apply
 
@@ -288,9 +288,9 @@ def test_set_allocation_switches_the_policy():
     x, mask = _batch(batch=2, seq_len=16, image_share=0.8)
     evf.set_allocation("position")
     assert evf.allocation == "position"
-    kept = evf(x, mask).stats.kept_image.sum() + evf(x, mask).stats.kept_text.sum()
+    kept = evf.route(x, mask).stats.kept_image.sum() + evf.route(x, mask).stats.kept_text.sum()
     evf.set_allocation("modality")
-    assert evf(x, mask).stats.kept_image.sum() + evf(x, mask).stats.kept_text.sum() == 32 > kept
+    assert evf.route(x, mask).stats.kept_image.sum() + evf.route(x, mask).stats.kept_text.sum() == 32 > kept
     with pytest.raises(ConfigError, match="'nope' is unknown"):
         evf.set_allocation("nope")
 
@@ -311,9 +311,9 @@ def test_padding_is_not_routed_and_changes_no_row(allocation, options):
     # The same rows under two amounts of padding (the extra positions hold large random states): the real
     # tokens' outputs, the losses and the statistics must not change, and padding gets the language FFN.
     torch.manual_seed(0)  # `rts` draws from the global RNG
-    a = evf(x, mask & real, token_mask=real)
+    a = evf.route(x, mask & real, token_mask=real)
     torch.manual_seed(0)
-    b = evf(padded, padded_mask, token_mask=token_mask)
+    b = evf.route(padded, padded_mask, token_mask=token_mask)
     assert torch.equal(a.hidden_states[real], b.hidden_states[token_mask])
     assert torch.equal(a.aux_loss, b.aux_loss) and torch.equal(a.router_loss, b.router_loss)
     for key in ("routed_image", "routed_text", "kept_image", "kept_text"):
@@ -329,7 +329,7 @@ def test_padding_of_a_text_only_row_is_not_counted():
     mask[1] = False
     token_mask = torch.ones(2, 6, dtype=torch.bool)
     token_mask[1, 4:] = False
-    out = evf(x, mask, token_mask=token_mask)
+    out = evf.route(x, mask, token_mask=token_mask)
     assert int(out.stats.routed_text.sum() + out.stats.routed_image.sum()) == 10
     assert torch.equal(out.hidden_states[1], evf.language_ffn(x[1:]).squeeze(0))
 
@@ -338,7 +338,7 @@ def test_padding_of_a_text_only_row_is_not_counted():
 def test_modality_allocation_gives_weight_one(combine):
     evf = _evf(allocation="modality", combine=combine).train()
     x, mask = _batch(seed=9, batch=2, seq_len=6)
-    out = evf(x, mask)
+    out = evf.route(x, mask)
     text, image = ~mask, mask
     assert torch.allclose(out.hidden_states[text], evf.language_ffn(x[text].unsqueeze(0)).squeeze(0))
     vision = evf.vision_ffns[0](x[image].unsqueeze(0)).squeeze(0)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from eve_vlm.errors import CheckpointError, ConfigError, ImageSizeError, ImageTokenMismatchError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration
-from eve_vlm.model.decoder_layer import EveDecoderLayer
+from eve_vlm.model.decoder_layer import EvfDecoderLayer
 from eve_vlm.model.params import parameter_counts
 
 
@@ -137,7 +137,7 @@ def test_parameter_names_of_base_lm_unchanged_except_evf():
     after = set(model.language_model.state_dict())
     assert {k for k in before if ".layers.1.mlp." not in k} <= after
     assert any(".layers.1.mlp.language_ffn.gate_proj.weight" in k for k in after)
-    assert isinstance(model.language_model.model.layers[1], EveDecoderLayer)
+    assert isinstance(model.language_model.model.layers[1], EvfDecoderLayer)
 
 
 def _loss_and_grads(model, ids, pixels):

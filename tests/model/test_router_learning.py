@@ -53,7 +53,7 @@ def train(
         x, mask = task(step)
         with torch.no_grad():
             target = torch.where(mask[..., None], image_map(x), language(x))
-        out = evf(x, mask)
+        out = evf.route(x, mask)
         loss = (out.hidden_states - target).pow(2).mean() + 0.01 * out.aux_loss
         if out.router_loss is not None:
             loss = loss + out.router_loss
@@ -106,10 +106,10 @@ def test_modality_loss_teaches_the_router():
 def test_modality_loss_is_off_by_default_and_in_eval():
     evf, _ = new_evf()
     x, mask = task(0)
-    assert evf.train()(x, mask).router_loss is None
+    assert evf.train().route(x, mask).router_loss is None
     evf, _ = new_evf(modality_loss_coef=0.1)
-    assert evf.train()(x, mask).router_loss is not None
-    assert evf.eval()(x, mask).router_loss is None
+    assert evf.train().route(x, mask).router_loss is not None
+    assert evf.eval().route(x, mask).router_loss is None
     with pytest.raises(ConfigError, match="modality_loss_coef"):
         new_evf(modality_loss_coef=-1.0)
 
