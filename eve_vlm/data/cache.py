@@ -65,7 +65,7 @@ from eve_vlm.data.llava import (
 )
 from eve_vlm.errors import ConfigError, DataError
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: labels placed from one render through token offsets
 MANIFEST = "manifest.json"
 COLUMNS = ("tokens", "label_mask", "offsets", "lengths", "has_image", "source", "line")
 STRINGS = ("image", "id")

@@ -1,17 +1,20 @@
 """Renders a conversation with the tokenizer's own chat template and builds the label mask in the same loop.
 
-Follows torchtune's `tokenize_messages` (tokens and labels built together, one message at a time) but renders
-with `tokenizer.apply_chat_template`, so any Hugging Face LM's template works with no per-LLM code (LLaVA's
-`preprocess_llama_2`, `preprocess_v1`, ... are what this replaces). For assistant turn i:
+Follows torchtune's `tokenize_messages` (tokens and labels built together) but renders with
+`tokenizer.apply_chat_template`, so any Hugging Face LM's template works with no per-LLM code (LLaVA's
+`preprocess_llama_2`, `preprocess_v1`, ... are what this replaces). A row is rendered once and tokenised once:
 
-    prefix_i = render(messages[:i], add_generation_prompt=True)   # ends with the assistant header
-    full_i   = render(messages[:i + 1])                           # ends after the reply's end-of-turn
+    text = render(messages)                      # the whole conversation, as the model sees it
+    ids, offsets = tokenizer(text, return_offsets_mapping=True)
 
-Both must be string prefixes of the full render, in order; the text up to `prefix_i` is masked, the text
-from `prefix_i` to `full_i` is the reply, labelled up to and including its end-of-turn token (whatever follows
-it, e.g. a newline, is masked). Each segment is tokenised on its own and the concatenation must equal
-tokenising the whole render. Any mismatch raises `DataError` naming the row, never a silent "tokenization
-mismatch".
+Each assistant reply's character span in `text` is found by looking up the turns' texts in order, and mapped to
+tokens through the offsets; the reply's tokens and the end-of-turn token right after it (only whitespace
+between) are labelled, everything else is masked. Nothing assumes that the render of the first turns is a
+prefix of the whole render, so templates that render a turn differently by its position work: Qwen3's empty
+think block before the last reply only, Gemma's system text folded into the first user turn, Mistral's into
+the last, Llama-3's date header, SentencePiece prefix spaces. A template that drops or rewrites a turn's
+text, or a token that spans a reply and the template text around it, raises `DataError` naming the row,
+never a silent "tokenization mismatch".
 
 `<image>` stays one special token while rendering and tokenising; `encode_compact` keeps it so (one
 placeholder per image, what the data cache stores) and `encode` replaces each one by `num_image_tokens`
@@ -25,7 +28,6 @@ Truncation to `max_length` only cuts text after the last image block, never an i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 from eve_vlm.data.llava import ConversationRow
 from eve_vlm.errors import ConfigError, DataError
@@ -140,6 +142,11 @@ class ConversationEncoder:
             raise ConfigError(f"template={template!r}; use one of {TEMPLATES}")
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("The tokenizer has no chat template; give it one, or use template='plain'.")
+        if template == "chat" and not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(
+                f"{type(tokenizer).__name__} is not a fast tokenizer; template='chat' places labels through "
+                "its offsets (return_offsets_mapping): load the tokenizer with use_fast=True."
+            )
         if template == "plain" and tokenizer.eos_token_id is None:
             raise ConfigError("template='plain' needs a tokenizer with an eos token to end each caption.")
         if tokenizer.encode(image_token, add_special_tokens=False) != [image_token_id]:
@@ -183,8 +190,8 @@ class ConversationEncoder:
         truncation counts each image as `num_image_tokens` tokens.
 
         Raises:
-            DataError: naming the row, when the template does not render it incrementally, the segments do
-                not tokenise like the whole, the image-token count is wrong, the image blocks do not fit in
+            DataError: naming the row, when the template drops or rewrites a turn's text, a token spans a
+                reply and the template text around it, the image-token count is wrong, the image blocks do not fit in
                 `max_length`, or no label is left.
         """
         if self.template == "plain":
@@ -205,18 +212,6 @@ class ConversationEncoder:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def tokenize_many(self, texts: list[str]) -> list[list[int]]:
-        """`tokenize` of each text, in one call of the tokenizer."""
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def render_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
-        """The chat-template render of each conversation, in one call of the template."""
-        if not conversations:
-            return []
-        return self.tokenizer.apply_chat_template(
-            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
     def encode_plain(self, row: ConversationRow) -> tuple[list[int], list[int]]:
         """LLaVA's plain format: `<image>` + caption + eos; labels on the caption and eos."""
         messages = to_messages(row, system_prompt=None)
@@ -227,47 +222,69 @@ class ConversationEncoder:
         reply = self.tokenize(caption.replace(self.image_token, "").strip()) + [self.tokenizer.eos_token_id]
         return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
-    def segments(self, row: ConversationRow) -> list[tuple[str, bool]]:
-        """The full render cut into `(text, is_reply)` segments, checking that it renders incrementally."""
-        messages = to_messages(row, self.system_prompt)
-        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-        prefixes = self.render_many([messages[:i] for i in turns], add_generation_prompt=True)
-        *uptos, full = self.render_many([messages[: i + 1] for i in turns] + [messages])
-        cuts, replies = [0], []
-        for i, prefix, upto in zip(turns, prefixes, uptos, strict=True):
-            if not (upto.startswith(prefix) and full.startswith(upto) and len(prefix) >= cuts[-1]):
+    def reply_spans(self, row: ConversationRow, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """The character span of each assistant reply in `text` (the render of `messages`).
+
+        User and assistant contents are looked up in order (whitespace-stripped, as templates often trim
+        them); system messages are skipped, since templates move them (Gemma folds the system message into
+        the first user turn, Mistral into the last).
+        """
+        spans, cursor = [], 0
+        for k, message in enumerate(messages):
+            if message["role"] == "system":
+                continue
+            content = (message["content"] or "").strip()
+            start = text.find(content, cursor)
+            if start < 0:
+                what = "assistant reply" if message["role"] == "assistant" else "user message"
                 raise DataError(
-                    f"{row_where(row)}: the chat template does not render this conversation incrementally "
-                    f"(at turn {i}, the render of the first turns is not a prefix of the render of more "
-                    "turns), "
-                    "so replies cannot be masked reliably; use a template that renders turn by turn."
+                    f"{row_where(row)}: the chat template drops or rewrites turn {k} ({what} "
+                    f"{content[:40]!r}): its text is not in the render, in order, so its labels cannot be "
+                    "placed; fix the row or use a template that renders every turn's text as given."
                 )
-            replies.append(len(cuts))
-            cuts += [len(prefix), len(upto)]
-        cuts.append(len(full))
-        return [(full[a:b], k in replies) for k, (a, b) in enumerate(pairwise(cuts))]
+            cursor = start + len(content)
+            if message["role"] == "assistant":
+                spans.append((start, cursor))
+        return spans
 
     def encode_chat(self, row: ConversationRow) -> tuple[list[int], list[int]]:
-        """Tokens and labels of the chat-template render, one segment at a time."""
-        segments = self.segments(row)
-        *pieces, whole = self.tokenize_many(
-            [text for text, _ in segments] + ["".join(t for t, _ in segments)]
-        )
-        ids, labels = [], []
-        for (_, is_reply), seg in zip(segments, pieces, strict=True):
-            ids += seg
-            if not is_reply:
-                labels += [IGNORE_INDEX] * len(seg)
-                continue
-            end = next((k + 1 for k, t in enumerate(seg) if t in self.end_of_turn_ids), len(seg))
-            labels += seg[:end] + [IGNORE_INDEX] * (len(seg) - end)
-        if ids != whole:
-            raise DataError(
-                f"{row_where(row)}: the render does not line up: tokenising it turn by turn gives other "
-                "tokens than tokenising it whole (a token spans a turn boundary); check the tokenizer and "
-                "template."
-            )
+        """Tokens and labels from one render and one tokenisation of the whole conversation.
+
+        Each reply's character span is mapped to tokens through the tokenizer's offsets; the label runs from
+        the reply's first token through the end-of-turn token that follows it (only whitespace between).
+        """
+        messages = to_messages(row, self.system_prompt)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(ids)
+        k = 0
+        for start, end in self.reply_spans(row, messages, text):
+            while k < len(ids) and offsets[k][1] <= start:
+                k += 1
+            first = k
+            while k < len(ids) and offsets[k][0] < end:
+                k += 1
+            if first == k or text[offsets[first][0] : start].strip() or text[end : offsets[k - 1][1]].strip():
+                raise DataError(
+                    f"{row_where(row)}: the reply {text[start:end][:40]!r} does not start and end on token "
+                    "boundaries (a token spans the reply and the template text around it), so it cannot be "
+                    "labelled; check the tokenizer and template."
+                )
+            last = k
+            while (
+                last < len(ids)
+                and ids[last] not in self.end_of_turn_ids
+                and self.is_blank(text, offsets[last])
+            ):
+                last += 1  # whitespace the template puts between the reply and its end-of-turn token
+            last = last + 1 if last < len(ids) and ids[last] in self.end_of_turn_ids else k
+            labels[first:last] = ids[first:last]
         return ids, labels
+
+    @staticmethod
+    def is_blank(text: str, offset: tuple[int, int]) -> bool:
+        return not text[offset[0] : offset[1]].strip()
 
     def expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Replaces each image-token id by `num_image_tokens` of them (labels -100)."""

@@ -1,5 +1,6 @@
 """Label masks per chat template (ChatML, Qwen2 with default system, Llama-3, plain), templates that do not
-render incrementally, renders that do not tokenise turn by turn, and truncation around image blocks."""
+render as prefixes or drop a reply, tokens across a reply boundary, and truncation around image blocks.
+The real templates of released models are tested in test_chat_templates.py."""
 
 import pytest
 from conftest import CHATML, WORDS, tiny_tokenizer
@@ -21,7 +22,7 @@ LLAMA3 = (
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
     "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-# Not incremental: a turn count up front, or the turns in reverse order.
+# A turn count up front (prefix renders are not prefixes of the whole), or the turns in reverse order.
 TURN_COUNT = "<|im_start|>system\n{{ messages | length }}<|im_end|>\n" + CHATML
 REVERSED = CHATML.replace("for message in messages", "for message in messages | reverse")
 # Renders `assistant:` with the reply glued on, so a whitespace tokenizer merges across the turn boundary.
@@ -198,19 +199,38 @@ def test_plain_template_is_image_caption_eos():
     assert ex.labels == [IGNORE_INDEX] * N_IMG + caption + [tok.eos_token_id]
 
 
-@pytest.mark.parametrize("template", [TURN_COUNT, REVERSED])
-def test_template_that_does_not_render_incrementally_raises_naming_the_row(template):
+def test_template_that_drops_an_assistant_turn_raises_naming_the_row():
     tok = chatml_tokenizer()
-    tok.chat_template = template
-    with pytest.raises(DataError, match="row id 'row-7'.*does not render this conversation incrementally"):
+    tok.chat_template = CHATML.replace(
+        "{% for message in messages %}", "{% for message in messages if message['role'] != 'assistant' %}"
+    )
+    with pytest.raises(DataError, match="row id 'row-7'.*drops or rewrites turn 1 .*'a blue square'"):
         make_encoder(tok).encode(ROWS["multi_turn"])
 
 
-def test_render_that_does_not_tokenise_turn_by_turn_raises_naming_the_row():
+def test_template_whose_prefix_renders_differ_still_labels_the_replies():
+    """A turn count up front changes the render of every prefix; only the whole render counts."""
+    tok = chatml_tokenizer()
+    tok.chat_template = TURN_COUNT
+    row = ROWS["multi_turn"]
+    ex = make_encoder(tok).encode(row)
+    replies = [t["value"] for t in row.conversations if t["from"] == "gpt"]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert unmasked(ex) == [i for r in replies for i in tok.encode(r, add_special_tokens=False) + [eot]]
+
+
+def test_render_with_a_token_across_the_reply_boundary_raises_naming_the_row():
     tok = chatml_tokenizer()
     tok.chat_template = GLUED
-    with pytest.raises(DataError, match="row id 'row-7'.*does not line up"):
+    with pytest.raises(DataError, match="row id 'row-7'.*does not start and end on token boundaries"):
         make_encoder(tok).encode(ROWS["text_only"])
+
+
+def test_template_that_reorders_turns_raises_naming_the_row():
+    tok = chatml_tokenizer()
+    tok.chat_template = REVERSED
+    with pytest.raises(DataError, match="row id 'row-7'.*drops or rewrites turn"):
+        make_encoder(tok).encode(ROWS["multi_turn"])
 
 
 def test_truncation_cuts_text_after_the_image_block_only():
