@@ -180,3 +180,94 @@ def test_each_scorer_reproduces_the_hand_computed_score(tmp_path, bench):
         assert result["cognition"] == pytest.approx(200.0)
     if bench == "mmbench":
         assert result["vanilla_accuracy"] == pytest.approx(100.0) and result["questions"] == 2
+
+
+def saved_model(tmp_path):
+    model, processor = model_and_processor(evf=True)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    model.language_model.save_pretrained(tmp_path / "base")
+    return model, processor
+
+
+def test_eve_eval_bench_runs_end_to_end_and_writes_the_table(tmp_path):
+    make_data_root(tmp_path / "eval")
+    saved_model(tmp_path)
+    argv = ["eval", "bench", "--suite", "paper", "--data-root", str(tmp_path / "eval"), "--model",
+            str(tmp_path / "model"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "out"),
+            "--batch-size", "2", "--max-new-tokens", "2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    row = metrics["models"]["model"]
+    assert set(row) == {"gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench", "mmlu", "ceval", "piqa"}
+    assert metrics["delta"]["model"] == pytest.approx(
+        {k: 0.0 for k in ("mmlu", "ceval", "piqa")}
+    )  # text path
+    assert metrics["paper"]["Eve-1.8B"]["mme"] == 1466.0
+    report = (tmp_path / "out/report.md").read_text()
+    assert "| base LLM |" in report and "Eve-1.8B (paper" in report
+    rows = [json.loads(x) for x in (tmp_path / "out/answers/mme.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(
+        rows[0]
+    )
+
+
+def test_an_interrupted_run_resumes_without_regenerating_finished_answers(tmp_path, monkeypatch):
+    root = tmp_path / "eval"
+    make_data_root(root)
+    model, processor = model_and_processor(evf=True)
+    questions = paper_suite().get("pope").load(str(root))
+    path = str(tmp_path / "pope.jsonl")
+    original, calls = model.generate, []
+
+    def interrupted(**kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_benchmark_answers(
+            model, processor, questions, path, model_id="m", batch_size=2, progress=False
+        )
+    assert len((tmp_path / "pope.jsonl").read_text().splitlines()) == 4
+    calls.clear()
+
+    def counting(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
+    n = generate_benchmark_answers(
+        model, processor, questions, path, model_id="m", batch_size=2, progress=False
+    )
+    assert n == 2 and calls == [2]  # only the two unanswered questions
+    ids = [json.loads(x)["question_id"] for x in (tmp_path / "pope.jsonl").read_text().splitlines()]
+    assert sorted(ids) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--bench", "nope"], "Unknown benchmark 'nope'"),
+        (["--bench", "gqa", "--data-root-missing"], "gqa"),
+        (["--bench", "pope", "--malformed"], "coco_pope_random.json, line 1: malformed JSON"),
+    ],
+)
+def test_score_errors_name_the_file_and_exit_2(tmp_path, capsys, argv, expected):
+    root = tmp_path / "eval"
+    make_data_root(root)
+    (tmp_path / "a.jsonl").write_text("")
+    if "--data-root-missing" in argv:
+        argv = argv[:-1]
+        root = tmp_path / "empty"
+        root.mkdir()
+    if "--malformed" in argv:
+        argv = argv[:-1]
+        (root / "pope/coco/coco_pope_random.json").write_text("{not json\n")
+    code = main(
+        ["eval", "score", *argv, "--predictions", str(tmp_path / "a.jsonl"), "--data-root", str(root)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err
