@@ -111,7 +111,7 @@ def make_data_root(root):
         png(release / image)
         qa = release / task / ("questions_answers_YN" if sub else "") / f"{stem}.txt"
         qa.parent.mkdir(parents=True, exist_ok=True)
-        qa.write_text(f"Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
+        qa.write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
         rows += [{"question_id": image, "image": image, "text": f"Is it {c}?{SHORT}", "category": task}
                  for c in ("red", "blue")]  # fmt: skip
     jsonl(root / "MME/llava_mme.jsonl", rows)
