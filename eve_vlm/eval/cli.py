@@ -1,4 +1,4 @@
-"""`eve eval vqa|language|routing|all`: the evaluation commands (registered by `add_eval_parser`)."""
+"""`eve eval vqa|language|routing|all|bench|score`: the evaluation commands (registered by `add_eval_parser`)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,71 @@ def _all(args: argparse.Namespace) -> None:
     print(f"wrote {report} and {os.path.join(args.out, 'metrics.json')}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from eve_vlm.eval.bench import paper_suite
+    from eve_vlm.eval.bench.base import require_dir
+    from eve_vlm.eval.bench.run import run_bench
+
+    require_dir(
+        args.data_root, "the benchmarks in LLaVA's playground/data/eval layout (gqa/, scienceqa/, ...)"
+    )
+    model, processor = load_model_and_processor(args.model)
+    base, base_name = None, None
+    if args.base:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(args.base).eval()
+        base_name = f"{args.base} (AutoModelForCausalLM)"
+    report = run_bench(
+        paper_suite(),
+        model,
+        processor,
+        data_root=args.data_root,
+        out=args.out,
+        name=args.name or os.path.basename(os.path.normpath(args.model)),
+        benches=args.bench,
+        base=base,
+        base_name=base_name,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    print(f"wrote {report} and {os.path.join(args.out, 'metrics.json')}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    from eve_vlm.eval.bench import paper_suite
+    from eve_vlm.eval.bench.run import score_bench
+
+    print(json.dumps(score_bench(paper_suite(), args.bench, args.predictions, args.data_root), indent=2))
+
+
+def _add_bench_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="the paper's benchmarks: answers files, scores, the paper's table")
+    p.add_argument("--suite", default="paper", choices=("paper",), help="benchmark suite")
+    p.add_argument("--data-root", required=True, help="folder laid out like LLaVA's playground/data/eval")
+    p.add_argument("--model", required=True, help="saved Eve model folder (model + processor)")
+    p.add_argument("--out", default="runs/bench", help="output folder (answers/, report.md, metrics.json)")
+    p.add_argument("--bench", action="append", help="run only this benchmark (repeatable; default: all nine)")
+    p.add_argument("--base", default=None, help="base LLM folder (default: the one recorded at stage 1)")
+    p.add_argument("--name", default=None, help="model name in the table (default: the folder name)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="cap on LLaVA's answer lengths (128/1024)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_bench)
+    p = sub.add_parser("score", help="score a LLaVA answers file of one benchmark (no model loaded)")
+    p.add_argument("--bench", required=True, help="gqa, sqa_img, textvqa, pope, mme or mmbench")
+    p.add_argument(
+        "--predictions", required=True, help="answers file (JSON lines: question_id, prompt, text)"
+    )
+    p.add_argument("--data-root", required=True, help="folder laid out like LLaVA's playground/data/eval")
+    p.set_defaults(func=_score)
+
+
 def _common(p: argparse.ArgumentParser, *, data: bool = True, out_default: str | None = "runs/eval") -> None:
     p.add_argument("--model", required=True, help="saved Eve model folder (model + processor)")
     if data:
@@ -217,4 +282,5 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _language_options(p, batch=False)
     _routing_options(p)
     p.set_defaults(func=_all)
+    _add_bench_parsers(sub)
     return parser

@@ -235,10 +235,14 @@ def encode_choice(tokenizer, context: str, continuation: str) -> tuple[list[int]
 def mc_loglikelihoods(
     model: nn.Module, tokenizer, items: list[dict], *, batch_size: int = 8, progress: bool = False
 ) -> list[list[float]]:
-    """Summed log-probability of every choice's continuation given the item's question, per item."""
+    """Summed log-probability of every choice's continuation given the item's question, per item.
+
+    An item's context is `MC_PROMPT` around its `question`, or its own `context` string when it has one (a
+    benchmark's published template, few-shot examples included).
+    """
     requests = []  # (item index, context ids, continuation ids)
     for k, item in enumerate(items):
-        context = MC_PROMPT.format(question=item["question"])
+        context = item.get("context") or MC_PROMPT.format(question=item["question"])
         for choice in item["choices"]:
             try:
                 requests.append((k, *encode_choice(tokenizer, context, MC_TARGET_DELIMITER + choice)))
