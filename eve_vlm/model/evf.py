@@ -280,6 +280,11 @@ class ElasticVisionFFN(nn.Module):
             inputs.recorder.record(layer_idx, out)
         return out.hidden_states
 
+    @property
+    def bound_inputs(self) -> RoutingInputs | None:
+        """The routing inputs bound for the current call (`bind`), or None outside one."""
+        return None if self._bound is None else self._bound[0]
+
     @contextmanager
     def bind(self, inputs: RoutingInputs | None, layer_idx: int) -> Iterator[None]:
         """Makes `inputs` the routing inputs of the `forward` calls inside the block (`layer_idx` keys the

@@ -36,7 +36,10 @@ def capture_evf_inputs(model, batches: Iterable[dict]) -> dict[int, tuple[torch.
 
     def hook(layer_idx):
         def capture(module, args):
-            hidden, image_mask = args[0], args[1]
+            (hidden,), inputs = args, module.bound_inputs
+            if inputs is None:
+                raise RuntimeError(f"EVF layer {layer_idx} was called without its routing inputs")
+            image_mask = inputs.image_mask
             valid = keep[0] if keep[0] is not None else torch.ones_like(image_mask, dtype=torch.bool)
             captured[layer_idx].append((hidden[valid].float().cpu(), image_mask[valid].bool().cpu()))
 
