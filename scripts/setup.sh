@@ -6,12 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  dpkg -s fortunes wordnet-base chromium chromium-driver >/dev/null 2>&1 || apt-get update -qq
-  dpkg -s fortunes wordnet-base >/dev/null 2>&1 \
-    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes wordnet-base >/dev/null
-  # Chromium only serves the web-page test (which skips without it); a system without the package goes on.
+  updated=""
+  if ! dpkg -s fortunes wordnet-base >/dev/null 2>&1; then
+    apt-get update -qq && updated=1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes wordnet-base >/dev/null
+  fi
+  # Chromium only serves the web-page test (which skips without it): where the package list cannot be
+  # updated or the package is missing, the set-up goes on with a note.
   if ! dpkg -s chromium chromium-driver >/dev/null 2>&1; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+    { [ -n "$updated" ] || apt-get update -qq; } \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
       || echo "note: chromium and chromium-driver could not be installed; the web-page test will be skipped"
   fi
 else
