@@ -11,6 +11,7 @@ from PIL import Image
 from test_eval_vqa import model_and_processor
 
 from eve_vlm.cli import main
+from eve_vlm.errors import DataError
 from eve_vlm.eval.bench import paper_suite
 from eve_vlm.eval.bench.generate import generate_benchmark_answers
 from eve_vlm.eval.bench.run import score_bench
@@ -271,3 +272,49 @@ def test_score_errors_name_the_file_and_exit_2(tmp_path, capsys, argv, expected)
     )
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_language_sets_read_the_hugging_face_parquet_layouts_as_their_csv_and_jsonl_releases(tmp_path):
+    """cais/mmlu, ceval/ceval-exam and baber/piqa parquet files give the same items as the CSV/JSONL
+    releases of the same questions."""
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow comes with the eval extra")
+    import pyarrow as pa
+
+    from eve_vlm.eval.bench.language_sets import load_ceval, load_mmlu, load_piqa
+
+    csv_root = tmp_path / "csv"
+    csv_root.mkdir()
+    make_data_root(csv_root)
+    root = tmp_path / "parquet"
+    rows = [
+        ("what is one", ["one", "two", "three", "red"], 0),
+        ("what is two", ["one", "two", "three", "red"], 1),
+    ]
+    for subject in ("anatomy", "virology"):
+        for split in ("dev", "test"):
+            path = root / f"mmlu/{subject}/{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table = {
+                "question": [r[0] for r in rows],
+                "subject": [subject] * 2,
+                "choices": [r[1] for r in rows],
+            }
+            pq.write_table(pa.table({**table, "answer": [r[2] for r in rows]}), path)
+        for split in ("dev", "val"):
+            path = root / f"ceval/{subject}/{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            columns = {"id": [0], "question": ["what is one"], "A": ["one"], "B": ["two"], "C": ["three"]}
+            pq.write_table(pa.table({**columns, "D": ["red"], "answer": ["A"], "explanation": [""]}), path)
+    (root / "mmlu/all").mkdir()  # the `all` config is skipped
+    (root / "piqa").mkdir(parents=True)
+    piqa = {"goal": ["what is red"] * 2, "sol1": ["red"] * 2, "sol2": ["two"] * 2, "label": [0, 1]}
+    pq.write_table(pa.table(piqa), root / "piqa/piqa_validation.parquet")
+
+    for load in (load_mmlu, load_ceval, load_piqa):
+        assert load(str(root), 5) == load(str(csv_root), 5)
+    assert len(load_mmlu(str(root), 5)["anatomy"]) == 2
+
+    bad = root / "mmlu/anatomy/test-00000-of-00001.parquet"
+    pq.write_table(pa.table({"question": ["q"], "choices": [["a", "b"]], "answer": [0]}), bad)
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet, row 0: expected four choices"):
+        load_mmlu(str(root), 5)

@@ -15,11 +15,18 @@ Files under `--data-root`:
 - `ceval/{dev,val}/{subject}_{dev,val}.csv` (the official zip, header `id,question,A,B,C,D,answer[,...]`),
   optional `ceval/subject_mapping.json` for the Chinese subject names; 5-shot from dev, lm-eval's C-Eval prompt.
 - `piqa/dev.jsonl` + `piqa/dev-labels.lst` (the original release; `valid.*` also accepted), 0-shot.
+
+Or the Hugging Face parquet layouts, used when the CSV/JSONL ones are absent (read with pyarrow, which the
+`eval` extra installs): `mmlu/{subject}/{dev,test}-*.parquet` (`cais/mmlu`: question, choices, answer index;
+the `all` and `auxiliary_train` configs are skipped), `ceval/{subject}/{dev,val}-*.parquet` (`ceval/ceval-exam`:
+id, question, A-D, answer letter; older snapshots' `ceval-exam-{split}.parquet` too) and
+`piqa/piqa_validation.parquet` (`baber/piqa`: goal, sol1, sol2, label).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 from collections.abc import Callable
@@ -86,12 +93,85 @@ def _subjects(folder: str, split: str) -> list[str]:
     return names
 
 
+def _read_parquet(path: str, columns: list[str]) -> list[dict]:
+    """The rows of a parquet file as dicts, checking that it has `columns`."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file ({e}).") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: expected the columns {columns}; missing {missing}.")
+    return table.select(columns).to_pylist()
+
+
+def _parquet_split(folder: str, subject: str, split: str) -> str:
+    """The one parquet file of `subject`'s `split` in a Hugging Face layout (`{split}-*.parquet`, or an older
+    snapshot's `*-{split}.parquet`)."""
+    found = sorted(glob.glob(os.path.join(folder, subject, f"{split}-*.parquet")))
+    found = found or sorted(glob.glob(os.path.join(folder, subject, f"*-{split}.parquet")))
+    if len(found) != 1:
+        raise DataError(
+            f"Folder {os.path.join(folder, subject)} should hold one {split}-*.parquet file, found {len(found)}."
+        )
+    return found[0]
+
+
+def _parquet_subjects(folder: str, split: str) -> list[str]:
+    """The subject folders of a Hugging Face parquet layout that hold a `split` file."""
+    skip = {"all", "auxiliary_train"}
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if n not in skip
+        and (
+            glob.glob(os.path.join(folder, n, f"{split}-*.parquet"))
+            or glob.glob(os.path.join(folder, n, f"*-{split}.parquet"))
+        )
+    )
+    if not names:
+        raise DataError(
+            f"Folder {folder} holds neither {split}/{{subject}}_{split}.csv files nor "
+            f"{{subject}}/{split}-*.parquet files."
+        )
+    return names
+
+
+def _mmlu_parquet(path: str) -> list[list[str]]:
+    rows = []
+    for k, row in enumerate(_read_parquet(path, ["question", "choices", "answer"])):
+        choices, answer = row["choices"], row["answer"]
+        if not isinstance(choices, list) or len(choices) != 4 or answer not in range(4):
+            raise DataError(f"{path}, row {k}: expected four choices and an answer index 0-3.")
+        rows.append([row["question"], *choices, LETTERS[answer]])
+    return rows
+
+
+def _ceval_parquet(path: str) -> list[list[str]]:
+    rows = []
+    for k, row in enumerate(_read_parquet(path, ["question", *LETTERS, "answer"])):
+        if str(row["answer"]).strip() not in LETTERS:
+            raise DataError(f"{path}, row {k}: the answer must be A, B, C or D, not {row['answer']!r}.")
+        rows.append([row["question"], *(row[x] for x in LETTERS), str(row["answer"]).strip()])
+    return rows
+
+
 def load_mmlu(root: str, shots: int = 5) -> dict[str, list[dict]]:
-    folder = require_dir(os.path.join(root, "mmlu"), "MMLU's dev/ and test/ CSV folders (Hendrycks data.tar)")
+    folder = require_dir(
+        os.path.join(root, "mmlu"),
+        "MMLU's dev/ and test/ CSV folders (Hendrycks data.tar) or cais/mmlu parquet",
+    )
+    csv_layout = os.path.isdir(os.path.join(folder, "test"))
     out = {}
-    for subject in _subjects(folder, "test"):
-        dev = _read_csv(os.path.join(folder, "dev", f"{subject}_dev.csv"))[:shots]
-        test = _read_csv(os.path.join(folder, "test", f"{subject}_test.csv"))
+    for subject in _subjects(folder, "test") if csv_layout else _parquet_subjects(folder, "test"):
+        if csv_layout:
+            dev = _read_csv(os.path.join(folder, "dev", f"{subject}_dev.csv"))[:shots]
+            test = _read_csv(os.path.join(folder, "test", f"{subject}_test.csv"))
+        else:
+            dev = _mmlu_parquet(_parquet_split(folder, subject, "dev"))[:shots]
+            test = _mmlu_parquet(_parquet_split(folder, subject, "test"))
         topic = subject.replace("_", " ")
         description = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
         out[subject] = _mc_items(description, dev, test, "Answer:")
@@ -99,16 +179,23 @@ def load_mmlu(root: str, shots: int = 5) -> dict[str, list[dict]]:
 
 
 def load_ceval(root: str, shots: int = 5) -> dict[str, list[dict]]:
-    folder = require_dir(os.path.join(root, "ceval"), "C-Eval's dev/ and val/ CSV folders")
+    folder = require_dir(
+        os.path.join(root, "ceval"), "C-Eval's dev/ and val/ CSV folders or ceval-exam parquet"
+    )
+    csv_layout = os.path.isdir(os.path.join(folder, "val"))
     mapping_path = os.path.join(folder, "subject_mapping.json")
     mapping = {}
     if os.path.isfile(mapping_path):
         with open(mapping_path, encoding="utf-8") as f:
             mapping = json.load(f)
     out = {}
-    for subject in _subjects(folder, "val"):
-        dev = _read_csv_ceval(os.path.join(folder, "dev", f"{subject}_dev.csv"))[:shots]
-        val = _read_csv_ceval(os.path.join(folder, "val", f"{subject}_val.csv"))
+    for subject in _subjects(folder, "val") if csv_layout else _parquet_subjects(folder, "val"):
+        if csv_layout:
+            dev = _read_csv_ceval(os.path.join(folder, "dev", f"{subject}_dev.csv"))[:shots]
+            val = _read_csv_ceval(os.path.join(folder, "val", f"{subject}_val.csv"))
+        else:
+            dev = _ceval_parquet(_parquet_split(folder, subject, "dev"))[:shots]
+            val = _ceval_parquet(_parquet_split(folder, subject, "val"))
         name = mapping.get(subject, [subject, subject])[1]
         description = f"以下是中国关于{name}的单项选择题，请选出其中的正确答案。\n\n"
         out[subject] = _mc_items(description, dev, val, "答案：")
@@ -129,6 +216,16 @@ def _read_csv_ceval(path: str) -> list[list[str]]:
 def load_piqa(root: str, shots: int = 0) -> dict[str, list[dict]]:
     folder = require_dir(os.path.join(root, "piqa"), "PIQA's dev.jsonl and dev-labels.lst")
     stem = "dev" if os.path.isfile(os.path.join(folder, "dev.jsonl")) else "valid"
+    parquet = os.path.join(folder, "piqa_validation.parquet")
+    if not os.path.isfile(os.path.join(folder, f"{stem}.jsonl")) and os.path.isfile(parquet):
+        items = []
+        for k, row in enumerate(_read_parquet(parquet, ["goal", "sol1", "sol2", "label"])):
+            if row["label"] not in (0, 1):
+                raise DataError(f"{parquet}, row {k}: the label must be 0 or 1, not {row['label']!r}.")
+            sols = [row["sol1"], row["sol2"]]
+            texts = [PIQA_TEMPLATE.format(goal=row["goal"], sol=s) for s in sols]
+            items.append({"texts": texts, "choices": sols, "label": row["label"]})
+        return {"piqa": items}
     data = require_file(
         os.path.join(folder, f"{stem}.jsonl"), "PIQA's validation questions (goal, sol1, sol2)"
     )
