@@ -224,10 +224,10 @@ class Evaluator:
         if run.language:
             metrics["language"] = evaluate_language(
                 model,
-                processor.tokenizer,
+                processor.text_tokenizer,
                 self.texts,
                 {"wordnet_mc": self.mc},
-                base_scores=self.base_language_scores(processor.tokenizer),
+                base_scores=self.base_language_scores(processor.text_tokenizer),
                 base_name="SmolLM2-135M-Instruct",
                 batch_size=LANGUAGE_BATCH,
             )

@@ -70,7 +70,7 @@ def _run_language(args, model, processor, out_dir: str | None) -> dict:
         base_name = f"{args.base} (AutoModelForCausalLM)"
     result = evaluate_language(
         model,
-        processor.tokenizer,
+        processor.text_tokenizer,
         texts,
         mc,
         base,

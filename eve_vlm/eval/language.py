@@ -18,8 +18,9 @@ the elastic path runs (LoRA off, every EVF on its language FFN); an Eve model's 
 The base is a transformers causal LM loaded with `AutoModelForCausalLM`: `--base DIR`, or by default the base
 LLM recorded in the model's config at stage 1 (`EveConfig.base_language_model`: its folder and the sha256 of
 its weights, checked before use). It is never the Eve model's own language model: a model whose text path
-really changed (a full-LLM stage 2) would then be compared with itself. Both are scored with the Eve model's
-tokenizer (the base LLM's plus `<image>`, which text never contains).
+really changed (a full-LLM stage 2) would then be compared with itself. Both are scored with the Eve processor's
+`text_tokenizer`: the base LLM's own, without the `<image>` placeholder, so a literal "<image>" in a text stays
+text.
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ never embeds the placeholder, it overwrites it with image features).
 
 from __future__ import annotations
 
+import json
+from functools import cached_property
+
 import torch
+from tokenizers import Tokenizer
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
 from eve_vlm.errors import ConfigError, ImageTokenMismatchError
@@ -55,6 +59,36 @@ def ensure_pad_token(tokenizer) -> None:
             "`tokenizer.pad_token` before building the processor."
         )
     tokenizer.pad_token = pad
+
+
+def without_added_token(tokenizer, token: str):
+    """`tokenizer` as it was before `token` was added to it: the base LLM's tokenizer, for text-only inputs.
+
+    `EveProcessor.from_parts` registers `<image>` as an added special token, so the registered tokenizer turns a
+    literal "<image>" typed in a text into the placeholder id where the base LLM's tokenizer reads the
+    characters. The copy is rebuilt from the fast tokenizer's own serialisation with that one added token
+    removed (vocabulary, merges, normaliser, pre-tokeniser and the other special tokens unchanged). A tokenizer
+    that does not hold `token` as an added token, or a slow (Python) tokenizer, is returned as it is.
+    """
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if token not in added or backend is None:
+        return tokenizer
+    state = json.loads(backend.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] != token]
+    kwargs = {
+        k: v
+        for k, v in tokenizer.init_kwargs.items()
+        if k not in ("tokenizer_object", "tokenizer_file", "vocab_file", "merges_file", "backend", "name_or_path")
+    }
+    if "added_tokens_decoder" in kwargs:
+        kwargs["added_tokens_decoder"] = {
+            i: t for i, t in kwargs["added_tokens_decoder"].items() if str(t) != token
+        }
+    text = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), **kwargs)
+    for name in ("pad_token", "padding_side", "chat_template"):
+        setattr(text, name, getattr(tokenizer, name))
+    return text
 
 
 class EveProcessor(ProcessorMixin):
@@ -129,6 +163,13 @@ class EveProcessor(ProcessorMixin):
             image_aspect_ratio=image_aspect_ratio,
         )
 
+    @cached_property
+    def text_tokenizer(self):
+        """The base LLM's tokenizer (`tokenizer` without the `<image>` placeholder, see `without_added_token`):
+        text-only inputs and the language evaluations tokenise with it, so a literal "<image>" in a text stays
+        text, as it is for the base LLM."""
+        return without_added_token(self.tokenizer, self.image_token)
+
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
@@ -153,11 +194,24 @@ class EveProcessor(ProcessorMixin):
     def __call__(self, text=None, images=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
         """Tokenises `text` (str or list) and processes `images` (one per `<image>`, in order).
 
+        Without images the call is text-only: `text` is tokenised by `text_tokenizer`, as the base LLM does, so
+        a literal "<image>" in it stays text and becomes no placeholder.
+
         Raises:
-            ImageTokenMismatchError: when the number of `<image>` markers differs from the number of images.
+            ImageTokenMismatchError: when images are given and the number of `<image>` markers differs from
+                the number of images.
         """
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if not images:
+            return BatchFeature(
+                data=dict(
+                    self.text_tokenizer(
+                        texts, return_tensors=return_tensors, padding=padding, add_special_tokens=False, **kwargs
+                    )
+                ),
+                tensor_type=return_tensors,
+            )
         markers = sum(t.count(self.image_token) for t in texts)
         if markers != len(images):
             raise ImageTokenMismatchError(

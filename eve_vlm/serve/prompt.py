@@ -6,8 +6,11 @@ sampling, checked against the model's limits.
   question). The conversation goes through the tokenizer's own chat template with the generation prompt.
 - A conversation with an image and no system message gets the model's own system prompt (the one it was
   instruction-tuned with); a text-only one renders exactly as the base LLM's chat does.
+- A text-only conversation is tokenised as the base LLM's (`EveProcessor.text_tokenizer`): an `<image>` typed
+  in it stays text. In a conversation with images the marker stands for an image, so typing it there is
+  refused.
 - Refused with a 400 and the field at fault: images outside user messages, the `<image>` marker typed as
-  text, more images than `max_images`, a prompt that leaves no room in the context, `max_tokens` beyond it,
+  text beside images, more images than `max_images`, a prompt that leaves no room in the context, `max_tokens` beyond it,
   `n` > 1, any image `media.load_image_url` refuses.
 """
 
@@ -109,10 +112,11 @@ class PromptBuilder:
                     else:
                         pieces.append(part.text)
             text = "\n".join(pieces)
-            if marker in "".join(p for p in pieces if p != marker):
+            if image_parts and marker in "".join(p for p in pieces if p != marker):
                 raise ApiError(
                     400,
-                    f"Message text may not contain the image marker {marker!r}; send images as image_url parts.",
+                    f"Beside images, message text may not contain the image marker {marker!r}; send images as "
+                    "image_url parts.",
                     param=f"messages[{i}].content",
                 )
             rendered.append({"role": role, "content": text})

@@ -130,3 +130,47 @@ def test_system_prompt_is_saved_and_used_for_image_turns_only(tmp_path):
     )
     assert "Other." in loaded.chat_prompt("<image>\nwhat colour", system="Other.")
     assert make_processor(model).system_prompt is None
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE (as GPT-2, Qwen, Llama-3, SmolLM2) whose merges cross "<image>"'s characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["write <image> or <img> in html", "what is the image"] * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    return tok
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_a_literal_image_marker_in_text_tokenises_as_the_base_llm(tmp_path, reload):
+    """Review item 22: the text path reads a typed "<image>" as the base LLM's tokenizer does; it never
+    becomes the placeholder, and no image is asked for."""
+    model = tiny_model()
+    base = byte_level_tokenizer()
+    processor = EveProcessor.from_parts(
+        tokenizer=byte_level_tokenizer(),
+        vision_config=model.config.vision_config,
+        image_size=model.config.image_size,
+        num_image_tokens=model.config.num_image_tokens,
+    )
+    if reload:
+        processor.save_pretrained(tmp_path)
+        processor = AutoProcessor.from_pretrained(tmp_path)
+    texts = ["<|im_start|>write <image> in html<|im_end|>", "the <image>"]
+    ids = [processor(text, return_tensors=None, padding=False)["input_ids"][0] for text in texts]
+    expected = base(texts, add_special_tokens=False)["input_ids"]
+    assert ids == expected
+    assert all(processor.image_token_id not in row for row in expected)
+    assert processor.text_tokenizer.decode(ids[0]) == texts[0]
+    assert processor.text_tokenizer.pad_token == processor.tokenizer.pad_token
+    padded = processor(texts)
+    assert padded["attention_mask"].sum(1).tolist() == [len(e) for e in expected]
+    # With an image the marker is the placeholder, as before.
+    with_image = processor(["the <image>"], images=[picture()])["input_ids"][0]
+    assert (with_image == processor.image_token_id).sum() == model.config.num_image_tokens

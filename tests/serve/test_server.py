@@ -14,7 +14,14 @@ openai = pytest.importorskip(
     "openai", reason="the serve-test extra is not installed (pip install -e '.[serve-test]')"
 )
 import httpx  # noqa: E402
-from tiny_server import MODEL_ID, image_message, live_server, png_data_url, tiny_parts  # noqa: E402
+from tiny_server import (  # noqa: E402
+    MODEL_ID,
+    image_message,
+    live_server,
+    png_data_url,
+    tiny_parts,
+    word_tokenizer,
+)
 
 from eve_vlm.serve.engine import EngineConfig  # noqa: E402
 from eve_vlm.serve.prompt import PromptLimits  # noqa: E402
@@ -60,10 +67,12 @@ def user(text):
 
 
 def base_answer(parts, text, max_new_tokens=10):
-    """The base LLM's greedy answer (no LoRA, no EVF) and its token count, EOS included."""
+    """The base LLM's greedy answer (no LoRA, no EVF) and its token count, EOS included, its prompt tokenised
+    by the base LLM's own tokenizer."""
     model, processor, base = parts
-    prompt = processor.tokenizer.apply_chat_template(user(text), tokenize=False, add_generation_prompt=True)
-    ids = processor.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    tokenizer = word_tokenizer()
+    prompt = tokenizer.apply_chat_template(user(text), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     out = base.generate(
         input_ids=ids,
         max_new_tokens=max_new_tokens,
@@ -86,6 +95,14 @@ def test_answer_is_the_base_llms_with_usage(parts, client):
     assert reply.usage.prompt_tokens == prompt_tokens
     assert reply.usage.total_tokens == count + prompt_tokens
     assert reply.choices[0].finish_reason == ("length" if count == 10 else "stop")
+
+
+def test_a_typed_image_marker_in_a_text_only_request_is_text(parts, client):
+    """Review item 22: "<image>" typed in a text-only request reaches the model as the base LLM reads it."""
+    reply = ask(client, user("what is <image> red"))
+    text, count, prompt_tokens = base_answer(parts, "what is <image> red")
+    assert reply.choices[0].message.content == text
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, count)
 
 
 def test_stream_matches_the_plain_answer(client, server):
@@ -242,7 +259,12 @@ BAD_REQUESTS = [
     ("seed too large", {"model": MODEL_ID, "messages": user("x"), "seed": 2**64}, 400, "seed"),
     ("seed too small", {"model": MODEL_ID, "messages": user("x"), "seed": -(2**63) - 1}, 400, "seed"),
     ("five stops", {"model": MODEL_ID, "messages": user("x"), "stop": list("abcde")}, 400, "stop"),
-    ("image marker typed", {"model": MODEL_ID, "messages": user("<image> what")}, 400, "messages[0].content"),
+    (
+        "image marker typed beside an image",
+        {"model": MODEL_ID, "messages": [image_message("<image> what")]},
+        400,
+        "messages[0].content",
+    ),
 ]
 
 

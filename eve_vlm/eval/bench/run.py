@@ -92,8 +92,8 @@ def run_bench(
     for lang in language_sets:
         items = _limit_items(subjects[lang.name], limit)
         language[lang.name] = {
-            "model": score_language_set(lang, model, processor.tokenizer, items, batch_size),
-            "base": score_language_set(lang, base, processor.tokenizer, items, batch_size),
+            "model": score_language_set(lang, model, processor.text_tokenizer, items, batch_size),
+            "base": score_language_set(lang, base, processor.text_tokenizer, items, batch_size),
         }
     with open(os.path.join(out, "bench_metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"vlm": vlm, "language": language}, f, indent=2, ensure_ascii=False)
