@@ -24,6 +24,13 @@ from eve_vlm.model.tower import build_image_processor
 
 IMAGE_ASPECT_RATIOS = ("resize", "pad")
 
+# Template variables the generation prompt of a conversation with images is rendered with. Training renders a
+# conversation whole, and Qwen3's template writes an empty think block before the last reply; with
+# `enable_thinking=False` its generation prompt ends with that same empty block, so the model is asked in the
+# context it was trained in (without it the prompt stops before `<think>`). Templates that do not read a
+# variable ignore it. Text-only conversations render with the template's defaults, as the base LLM's chat.
+GENERATION_TEMPLATE_KWARGS = {"enable_thinking": False}
+
 
 def expand_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
     """`image` centred on a square canvas of its longer side filled with `colour` (LLaVA's `expand2square`)."""
@@ -185,7 +192,13 @@ class EveProcessor(ProcessorMixin):
             system = self.system_prompt
         messages = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.generation_prompt(messages, with_images=self.image_token in content)
+
+    def generation_prompt(self, messages: list[dict], with_images: bool) -> str:
+        """`messages` rendered with the chat template and its generation prompt: with images as training
+        rendered the turns before a reply (`GENERATION_TEMPLATE_KWARGS`), else with the template's defaults."""
+        kwargs = GENERATION_TEMPLATE_KWARGS if with_images else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
     def expand_image_tokens(self, text: str) -> str:
         """Replaces each `<image>` by `num_image_tokens` copies of it."""

@@ -64,9 +64,7 @@ class PromptBuilder:
             raise ApiError(400, "Only one choice per request is supported (n must be 1).", param="n")
         messages, images = self._render_messages(request)
         try:
-            prompt = self.processor.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            prompt = self.processor.generation_prompt(messages, with_images=bool(images))
         except TemplateError as err:
             raise ApiError(
                 400, f"The model's chat template cannot render these messages: {err}", param="messages"

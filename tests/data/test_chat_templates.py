@@ -123,3 +123,28 @@ def test_qwen3_think_block_of_the_last_reply_is_masked():
         "A blue square.<|im_end|>",
         "No, there is no circle.<|im_end|>",
     ]
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("name", SPECIALS)
+def test_the_generation_prompt_of_an_image_question_is_what_training_rendered_before_the_reply(name, kind):
+    """A question with an image is prompted with the context training put before its reply: the prompt is a
+    prefix of the training render of the same turns plus the reply. Qwen3 is the regression case: trained
+    with an empty think block before the last reply, it was prompted without one."""
+    from conftest import tiny_eve_config
+
+    from eve_vlm.model import EveProcessor
+
+    config = tiny_eve_config()
+    processor = EveProcessor.from_parts(
+        tokenizer=tiny_tokenizer(name, kind),
+        vision_config=config.vision_config,
+        image_size=config.image_size,
+        num_image_tokens=N_IMG,
+    )
+    for turns in (TURNS[:2], TURNS[:4]):
+        messages = [{"role": "user" if r == "human" else "assistant", "content": v} for r, v in turns]
+        trained = processor.tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = processor.generation_prompt(messages[:-1], with_images=True)
+        assert trained.startswith(prompt), (prompt, trained)
+        assert trained[len(prompt) :].lstrip().startswith(turns[-1][1])
