@@ -1,16 +1,21 @@
 """Decoder families x towers: stage 1 -> 2 (LoRA) -> 3 (EVF) in-process on tiny random configs, with the elastic
 guarantee checked against the base transformers LM after every stage.
 
-The family axis lists every family the README names as tested; the tower axis (`TOWERS`) takes the tower kinds
-that `conftest.tiny_vision_config` builds, so a new tower layout is one more entry there.
+Each model is built as `eve train` builds stage 1: from an LLM folder (the family's tiny LM saved with
+`save_pretrained` and a tokenizer) and a tower folder in the layout the real checkpoint has
+(`tower_folders.LAYOUTS`: full CLIPModel and SiglipModel folders, SigLIP at a size that is not a multiple of
+the patch, a bare Dinov2Model), each with its `preprocessor_config.json`. The family axis lists every family
+the README names as tested.
 """
 
 import copy
 
 import pytest
 import torch
-from conftest import VOCAB, image_batch, text_batch, tiny_vision_config
+import yaml
+from conftest import IMAGE_TOKEN_ID, VOCAB, image_batch, text_batch, tiny_tokenizer, tiny_vision_config
 from torch.testing import assert_close
+from tower_folders import LAYOUTS, save_tower
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -27,6 +32,8 @@ from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration
 from eve_vlm.model.decoder_layer import EvfDecoderLayer
 from eve_vlm.model.lora import lora_layers
+from eve_vlm.train import stages
+from eve_vlm.train.recipe import load_recipe
 
 COMMON = dict(
     vocab_size=VOCAB,
@@ -51,21 +58,52 @@ FAMILIES = {
     "phi3": lambda: Phi3Config(**COMMON),  # fused qkv_proj and gate_up_proj
 }
 LORA_TARGETS = {"phi3": ["qkv_proj", "gate_up_proj"]}  # the others: q_proj, v_proj, up_proj
-TOWERS = ["dinov2"]
+TOWERS = list(LAYOUTS)
 
 
-def family_model(family: str, tower: str = "dinov2", seed: int = 0):
-    """A tiny Eve model of `family` and a base LM with the same weights, both in eval mode."""
-    torch.manual_seed(seed)
-    config = EveConfig(
-        text_config=FAMILIES[family](),
-        vision_config=tiny_vision_config(tower),
-        image_token_id=VOCAB,
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """`folders(kind, name)`: the saved folder of an LLM family (`kind="lm"`) or a tower layout, made once."""
+    made = {}
+
+    def folder(kind: str, name: str):
+        if (kind, name) not in made:
+            path = tmp_path_factory.mktemp(f"{kind}-{name}")
+            if kind == "lm":
+                torch.manual_seed(0)
+                AutoModelForCausalLM.from_config(FAMILIES[name]()).save_pretrained(path)
+                tiny_tokenizer().save_pretrained(path)
+            else:
+                save_tower(path, name)
+            made[kind, name] = path
+        return made[kind, name]
+
+    return folder
+
+
+def family_model(folders, family: str, tower: str = "dinov2"):
+    """A tiny Eve model of `family` built from saved folders as stage 1 builds it, and the base LM loaded from
+    its folder, both in eval mode. The placeholder id is moved past the LM vocabulary (as a real tokenizer's
+    added `<image>` is), so `conftest.text_batch` never holds it."""
+    recipe = folders("lm", family).parent / f"stage1-{family}-{tower}.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": 1,
+                "model": {
+                    "language_model": str(folders("lm", family)),
+                    "vision_tower": str(folders("tower", tower)),
+                },
+                "data": {"sources": [{"path": "unused.json"}], "template": "plain"},
+                "trainable": [{"pattern": "^projector\\."}],
+                "training": {"output_dir": str(recipe.parent / "out"), "max_steps": 1},
+            }
+        )
     )
-    model = EveForConditionalGeneration(config).eval()
-    base = AutoModelForCausalLM.from_config(model.config.text_config).eval()
-    base.load_state_dict(model.language_model.state_dict())
-    return model, base
+    model, _ = stages.build_from_parts(load_recipe(recipe))
+    model.config.image_token_id = IMAGE_TOKEN_ID
+    base = AutoModelForCausalLM.from_pretrained(folders("lm", family)).eval()
+    return model.eval(), base
 
 
 def train_steps(model, trainable: str, steps: int = 2):
@@ -114,8 +152,8 @@ def stage3(model, **options):
 
 @pytest.mark.parametrize("tower", TOWERS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_stages_keep_the_text_path_of_the_base_lm(family, tower):
-    model, base = family_model(family, tower)
+def test_stages_keep_the_text_path_of_the_base_lm(folders, family, tower):
+    model, base = family_model(folders, family, tower)
     assert_text_path_is_base(model, base)
 
     train_steps(model, "projector")  # stage 1
@@ -134,14 +172,20 @@ def test_stages_keep_the_text_path_of_the_base_lm(family, tower):
     assert isinstance(converted[0], EvfDecoderLayer) and isinstance(converted[0], layer_class)
     assert type(converted[1]) is layer_class
     ids, pixels = image_batch(model.config)
+    default = next(iter(model.evf_layers.values())).allocation
     with torch.no_grad():  # right after insertion, `hard` combine: the model computes what it computed before
-        out = model(input_ids=ids, pixel_values=pixels)
-        assert_close(out.logits, plain(input_ids=ids, pixel_values=pixels).logits)
-    assert sorted(out.routing) == [0, 2]
-    assert sum(int(s.kept_image[1:].sum()) for s in out.routing.values()) > 0  # a vision FFN ran
+        expected = plain(input_ids=ids, pixel_values=pixels).logits
+        for policy in (default, "modality"):  # `modality` sends every image token to the vision FFN
+            for evf in model.evf_layers.values():
+                evf.set_allocation(policy)
+            out = model(input_ids=ids, pixel_values=pixels)
+            assert_close(out.logits, expected)
+            assert sorted(out.routing) == [0, 2]
+            if policy == "modality":
+                assert all(int(s.kept_image[1:].sum()) > 0 for s in out.routing.values())  # vision FFNs ran
     assert_text_path_is_base(model, base)
 
-    train_steps(model, "vision_ffns|router")
+    train_steps(model, "vision_ffns|router")  # under `modality`: the vision FFNs surely train
     assert_text_path_is_base(model, base)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
@@ -157,9 +201,10 @@ def _loss_and_grads(model, ids, pixels):
     return out.loss.detach(), out.aux_loss.detach(), grads
 
 
+@pytest.mark.parametrize("tower", TOWERS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_gradient_checkpointing_same_loss_and_grads(family):
-    model, _ = family_model(family)
+def test_gradient_checkpointing_same_loss_and_grads(folders, family, tower):
+    model, _ = family_model(folders, family, tower)
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS.get(family, ["up_proj"]))
     stage3(model, capacity_factor=0.6)  # training capacity binds: routing must be replayed exactly
     model.train()
@@ -185,9 +230,10 @@ def test_gradient_checkpointing_same_loss_and_grads(family):
         assert_close(grads_ckpt[name], grads[name], msg=name)
 
 
+@pytest.mark.parametrize("tower", TOWERS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_kv_cache_greedy_equals_no_cache_and_text_generation_is_base(family):
-    model, base = family_model(family)
+def test_kv_cache_greedy_equals_no_cache_and_text_generation_is_base(folders, family, tower):
+    model, base = family_model(folders, family, tower)
     stage3(model)
     ids, pixels = image_batch(model.config)
     kwargs = dict(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False)
@@ -198,8 +244,8 @@ def test_kv_cache_greedy_equals_no_cache_and_text_generation_is_base(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_stage3_save_load_keeps_layer_classes(tmp_path, family):
-    model, _ = family_model(family)
+def test_stage3_save_load_keeps_layer_classes(tmp_path, folders, family):
+    model, _ = family_model(folders, family, "siglip_full")
     stage3(model, num_experts=3)
     model.save_pretrained(tmp_path)
     loaded = EveForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -214,11 +260,11 @@ def test_stage3_save_load_keeps_layer_classes(tmp_path, family):
         )
 
 
-def test_no_split_modules_name_the_layer_classes_present():
-    model, _ = family_model("qwen2")
+def test_no_split_modules_name_the_layer_classes_present(folders):
+    model, _ = family_model(folders, "qwen2")
     stage3(model)
     assert {"Qwen2DecoderLayer", "EvfQwen2DecoderLayer"} <= model._no_split_modules
-    everywhere, _ = family_model("qwen2")
+    everywhere, _ = family_model(folders, "qwen2")
     everywhere.add_elastic_vision_ffns("all")
     assert "EvfQwen2DecoderLayer" in everywhere._no_split_modules
     assert "Qwen2DecoderLayer" not in everywhere._no_split_modules  # FSDP auto-wrap looks every name up
