@@ -114,7 +114,6 @@ def save_tower(folder, layout, seed=0):
     return model
 
 
-
 def write_recipe(tmp_path, lm, tower, **model):
     data = {
         "stage": 1,

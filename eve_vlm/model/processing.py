@@ -16,7 +16,13 @@ from functools import cached_property
 import torch
 from tokenizers import Tokenizer
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import (
+    AutoTokenizer,
+    BatchFeature,
+    PreTrainedConfig,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
 from transformers.image_processing_utils import BaseImageProcessor
 
 from eve_vlm.errors import ConfigError, ImageTokenMismatchError
@@ -86,7 +92,8 @@ def without_added_token(tokenizer, token: str):
     kwargs = {
         k: v
         for k, v in tokenizer.init_kwargs.items()
-        if k not in ("tokenizer_object", "tokenizer_file", "vocab_file", "merges_file", "backend", "name_or_path")
+        if k
+        not in ("tokenizer_object", "tokenizer_file", "vocab_file", "merges_file", "backend", "name_or_path")
     }
     if "added_tokens_decoder" in kwargs:
         kwargs["added_tokens_decoder"] = {
@@ -198,7 +205,9 @@ class EveProcessor(ProcessorMixin):
         """`messages` rendered with the chat template and its generation prompt: with images as training
         rendered the turns before a reply (`GENERATION_TEMPLATE_KWARGS`), else with the template's defaults."""
         kwargs = GENERATION_TEMPLATE_KWARGS if with_images else {}
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
 
     def expand_image_tokens(self, text: str) -> str:
         """Replaces each `<image>` by `num_image_tokens` copies of it."""
@@ -220,7 +229,11 @@ class EveProcessor(ProcessorMixin):
             return BatchFeature(
                 data=dict(
                     self.text_tokenizer(
-                        texts, return_tensors=return_tensors, padding=padding, add_special_tokens=False, **kwargs
+                        texts,
+                        return_tensors=return_tensors,
+                        padding=padding,
+                        add_special_tokens=False,
+                        **kwargs,
                     )
                 ),
                 tensor_type=return_tensors,

@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import tiny_text_config, tiny_tokenizer, tiny_vision_config
 from PIL import Image
-from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
@@ -446,3 +446,48 @@ def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(pa
     assert cache_lines(resumed, "reading") == [True, True]
     assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in resumed[0]["log"])
     assert json.loads((tmp_path / "stage2" / "eve_training.json").read_text())["steps"] == 3
+
+
+def test_a_tokenizer_without_pad_token_trains_chats_and_evaluates(parts, tmp_path, capsys):
+    """An LLM folder whose tokenizer declares no pad token (as Llama-3.x and Mistral ship): stage 1 and the
+    chat stage 2 (padded batches) train, the saved processor pads with the end-of-sequence token, and
+    `eve chat` and `eve eval vqa` work on the result."""
+    from eve_vlm.cli import main
+
+    lm = tmp_path / "lm-no-pad"
+    shutil.copytree(parts / "lm", lm)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(lm)
+    assert AutoTokenizer.from_pretrained(lm).pad_token is None
+    (tmp_path / "parts").mkdir()
+    for name in ("captions.json", "vqa.jsonl", "images", "tower"):
+        (tmp_path / "parts" / name).symlink_to(parts / name)
+    (tmp_path / "parts" / "lm").symlink_to(lm)
+
+    run_stage(recipe(tmp_path / "parts", tmp_path, 1, max_steps=3))
+    s2 = run_stage(recipe(tmp_path / "parts", tmp_path, 2, max_steps=3))
+    assert all(np.isfinite(loss) for _, loss in s2["loss_history"])
+    processor = EveProcessor.from_pretrained(tmp_path / "stage2")
+    assert processor.tokenizer.pad_token == "<pad>"  # its vocabulary's own padding token (`ensure_pad_token`)
+
+    image = str(parts / "images" / "0.png")
+    model = str(tmp_path / "stage2")
+    assert main(["chat", model, "what is the colour", "--image", image, "--max-new-tokens", "3"]) == 0
+    assert main(["chat", model, "is there a circle", "--max-new-tokens", "3"]) == 0
+    out = tmp_path / "vqa-eval"
+    args = ["eval", "vqa", "--model", str(tmp_path / "stage2"), "--data", str(parts / "vqa.jsonl")]
+    args += [
+        "--images",
+        str(parts / "images"),
+        "--out",
+        str(out),
+        "--limit",
+        "12",
+        "--quiet",
+        "--batch-size",
+        "5",
+    ]
+    assert main(args) == 0
+    assert json.loads((out / "vqa_metrics.json").read_text())["questions"] == 12
+    assert len((out / "vqa_predictions.jsonl").read_text().splitlines()) == 12
