@@ -32,6 +32,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.configuration import EvfConfig, resolve_placement
@@ -108,6 +109,15 @@ def check_convertible(layer: nn.Module, layer_idx: int) -> None:
             "Qwen2, Qwen3, Gemma 2/3, Phi-3, OLMo2, Granite, ...). Use such a language model, or train this one "
             "without stage 3 (stages 1 and 2 work with any causal LM)."
         )
+
+
+def check_family_convertible(text_config: PreTrainedConfig) -> None:
+    """Raises `ConfigError` (as `check_convertible`) unless the causal LM `text_config` describes has decoder
+    layers that own an `mlp`, from its config alone: the LM is built on the meta device, so no weight is
+    allocated or read, and a stage 3 on an unsuitable family stops before its model is loaded."""
+    with torch.device("meta"):
+        language_model = AutoModelForCausalLM.from_config(text_config)
+    check_convertible(decoder_layers(language_model)[0], 0)
 
 
 def insert_evf_layers(language_model: nn.Module, evf: EvfConfig) -> list[int]:

@@ -14,8 +14,8 @@ import json
 from functools import cached_property
 
 import torch
-from tokenizers import Tokenizer
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers import (
     AutoTokenizer,
     BatchFeature,

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.cache import CachedDataset, PreparedData, prepare_cache
@@ -36,6 +36,7 @@ from eve_vlm.data.conversations import ConversationEncoder
 from eve_vlm.data.llava import DataSource
 from eve_vlm.errors import CheckpointError, ConfigError, DataError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
+from eve_vlm.model.decoder_layer import check_family_convertible
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.tower import load_vision_tower, read_tower_config
 from eve_vlm.train.recipe import Recipe
@@ -94,8 +95,14 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
 
 
 def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcessor]:
-    """The model a stage trains, with its structural change (LoRA, EVF) applied."""
+    """The model a stage trains, with its structural change (LoRA, EVF) applied.
+
+    Everything that can be checked from config files is checked before a model is loaded: the folders, and
+    for a stage that adds EVF layers, that the LM family's decoder layers have an `mlp` to convert.
+    """
     if recipe.model.init_from is None:
+        if recipe.evf is not None:
+            check_family_convertible(AutoConfig.from_pretrained(expand(recipe.model.language_model)))
         model, processor = build_from_parts(recipe)
     else:
         source = expand(recipe.model.init_from)
@@ -107,6 +114,12 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
             check_eve_folder(source)
         except CheckpointError as err:
             raise ConfigError(f"model.init_from: {err}") from None
+        saved = EveConfig.from_pretrained(source)
+        if recipe.evf is not None and saved.evf is None:
+            try:
+                check_family_convertible(saved.text_config)
+            except ConfigError as err:
+                raise ConfigError(f"evf: {source} cannot take Elastic Vision FFNs. {err}") from None
         model = EveForConditionalGeneration.from_pretrained(source, dtype=DTYPES[recipe.model.dtype])
         processor = EveProcessor.from_pretrained(source)
         if recipe.model.image_aspect_ratio is not None:

@@ -491,3 +491,21 @@ def test_a_tokenizer_without_pad_token_trains_chats_and_evaluates(parts, tmp_pat
     assert main(args) == 0
     assert json.loads((out / "vqa_metrics.json").read_text())["questions"] == 12
     assert len((out / "vqa_predictions.jsonl").read_text().splitlines()) == 12
+
+
+def test_stage3_on_a_family_without_mlp_is_refused_before_loading_the_model(parts, tmp_path, monkeypatch):
+    """OPT's decoder layers have no `mlp`: the stage-3 recipe is refused from the saved config alone."""
+    from transformers import OPTConfig
+
+    from eve_vlm.model import EveConfig
+
+    opt = OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2)
+    config = EveConfig(text_config=opt, vision_config=tiny_vision_config("dinov2"), image_token_id=64)
+    EveForConditionalGeneration(config).save_pretrained(tmp_path / "stage2")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(EveForConditionalGeneration, "from_pretrained", no_load)
+    with pytest.raises(ConfigError, match=r"evf: .*stage2 cannot take .*OPTDecoderLayer\) has no `mlp`"):
+        build_model(recipe(parts, tmp_path, 3))
