@@ -60,7 +60,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0) -> dict:
     )
     pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
-        out = model(input_ids=prompt, pixel_values=pixels)
+        out = model(input_ids=prompt, pixel_values=pixels, output_routing=True)
     for i, stats in out.routing.items():
         print(
             f"layer {i}: image tokens per expert {stats.routed_image.tolist()}, kept {stats.kept_image.tolist()}"

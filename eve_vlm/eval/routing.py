@@ -155,7 +155,7 @@ def _run_policy(
         for batch in tqdm(batches(), desc=f"routing {policy}", disable=not progress):
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            routing = model(**inputs).routing
+            routing = model(**inputs, output_routing=True).routing
             for i, stats in routing.items():
                 c = counts[i]
                 for key in ("routed_image", "kept_image", "routed_text", "kept_text"):

@@ -103,14 +103,14 @@ class EVFOutput:
     Attributes:
         hidden_states: [B, T, D] FFN output, same dtype as the input.
         aux_loss: 0-dim balance loss (carries gradient to the router; zero when no balance loss applies).
-        stats: Routing statistics.
+        stats: Routing statistics (None when not asked for: `route(..., with_stats=False)`).
         router_loss: 0-dim modality routing loss, already weighted by `modality_loss_coef` (None when that
             coefficient is 0 or the layer is not training).
     """
 
     hidden_states: Tensor
     aux_loss: Tensor
-    stats: RoutingStats
+    stats: RoutingStats | None
     router_loss: Tensor | None = None
 
 
@@ -273,12 +273,28 @@ class ElasticVisionFFN(nn.Module):
         """
         bound = self._bound
         if bound is None:
-            return self._language_only(hidden_states).hidden_states
+            return self.language_output(hidden_states)
         inputs, layer_idx = bound
-        out = self.route(hidden_states, inputs.image_mask, inputs.has_image, inputs.token_mask)
-        if inputs.recorder is not None:
-            inputs.recorder.record(layer_idx, out)
+        recorder = inputs.recorder
+        out = self.route(
+            hidden_states,
+            inputs.image_mask,
+            inputs.has_image,
+            inputs.token_mask,
+            with_stats=recorder is not None,
+        )
+        if recorder is not None:
+            recorder.record(layer_idx, out)
         return out.hidden_states
+
+    def language_output(self, hidden_states: Tensor) -> Tensor:
+        """`language_ffn(hidden_states)`, the base LLM's FFN: a LoRA adapter on it (stage 2) is off. Nothing
+        else is computed."""
+        layers = lora_layers(self.language_ffn)
+        if not layers:
+            return self.language_ffn(hidden_states)
+        with adapters_disabled(layers):
+            return self.language_ffn(hidden_states)
 
     @property
     def bound_inputs(self) -> RoutingInputs | None:
@@ -302,6 +318,7 @@ class ElasticVisionFFN(nn.Module):
         image_mask: Tensor,
         has_image: Tensor | None = None,
         token_mask: Tensor | None = None,
+        with_stats: bool = True,
     ) -> EVFOutput:
         """Route, allocate, dispatch and combine.
 
@@ -315,6 +332,8 @@ class ElasticVisionFFN(nn.Module):
             token_mask: [B, T] bool, False at padding positions (default: no padding). Padding takes the
                 language FFN with weight 1 and is left out of routing, capacity, the balance and modality
                 losses and the statistics, so a row's output does not depend on how much padding its batch has.
+            with_stats: Build the routing statistics (`EVFOutput.stats`; None without them). The model asks for
+                them when it records routing (training, or `output_routing=True`).
 
         Returns:
             `EVFOutput`; for sequences without an image, `language_ffn(hidden_states)` exactly.
@@ -322,57 +341,83 @@ class ElasticVisionFFN(nn.Module):
         if has_image is None:
             has_image = image_mask.any(dim=1)
         if not bool(has_image.any()):
+            if not with_stats:
+                return EVFOutput(self.language_output(hidden_states), self._zero(hidden_states), None)
             return self._language_only(hidden_states, token_mask)
         if bool(has_image.all()):
-            return self._routed(hidden_states, image_mask, token_mask)
+            return self._routed(hidden_states, image_mask, token_mask, with_stats)
         rows, other = (None, None) if token_mask is None else (token_mask[has_image], token_mask[~has_image])
-        routed = self._routed(hidden_states[has_image], image_mask[has_image], rows)
-        text = self._language_only(hidden_states[~has_image], other)
+        routed = self._routed(hidden_states[has_image], image_mask[has_image], rows, with_stats)
         out = torch.empty_like(hidden_states, dtype=routed.hidden_states.dtype)
         out[has_image] = routed.hidden_states
+        if not with_stats:
+            out[~has_image] = self.language_output(hidden_states[~has_image]).to(out.dtype)
+            return EVFOutput(out, routed.aux_loss, None, routed.router_loss)
+        text = self._language_only(hidden_states[~has_image], other)
         out[~has_image] = text.hidden_states.to(out.dtype)
         stats = routed.stats.plus_language_only(text.stats)
         return EVFOutput(out, routed.aux_loss, stats, routed.router_loss)
 
-    def _routed(self, hidden_states: Tensor, image_mask: Tensor, token_mask: Tensor | None) -> EVFOutput:
+    def _routed(
+        self, hidden_states: Tensor, image_mask: Tensor, token_mask: Tensor | None, with_stats: bool
+    ) -> EVFOutput:
         batch, seq_len, dim = hidden_states.shape
         x = hidden_states.reshape(batch * seq_len, dim)  # (S, D)
         mask = image_mask.reshape(-1).to(torch.bool)  # (S,)
-        sequence_ids = torch.arange(batch, device=x.device).repeat_interleave(seq_len)  # (S,)
         valid = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
         if valid is None or bool(valid.all()):
-            out, aux, stats, router_loss = self._route_tokens(x, mask, sequence_ids)
+            out, aux, stats, router_loss = self._route_tokens(x, mask, (batch, seq_len, None), with_stats)
             return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
         real = valid.nonzero().squeeze(1)  # (N,) routed positions
         pad = (~valid).nonzero().squeeze(1)
-        routed, aux, stats, router_loss = self._route_tokens(x[real], mask[real], sequence_ids[real])
+        routed, aux, stats, router_loss = self._route_tokens(
+            x[real], mask[real], (batch, seq_len, real), with_stats
+        )
         out = torch.empty_like(x, dtype=routed.dtype)
         out[real] = routed
         out[pad] = self.language_ffn(x[pad].unsqueeze(0)).squeeze(0).to(out.dtype)
         return EVFOutput(out.view(batch, seq_len, dim), aux, stats, router_loss)
 
     def _route_tokens(
-        self, x: Tensor, mask: Tensor, sequence_ids: Tensor
-    ) -> tuple[Tensor, Tensor, RoutingStats, Tensor | None]:
-        """Routes the S tokens `x` [S, D] (image mask and sequence of each [S]): `(out [S, D], aux loss,
-        statistics, modality loss or None)`."""
+        self, x: Tensor, mask: Tensor, layout: tuple[int, int, Tensor | None], with_stats: bool
+    ) -> tuple[Tensor, Tensor, RoutingStats | None, Tensor | None]:
+        """Routes the S tokens `x` [S, D] (image mask [S]; `layout` = (batch, sequence length, positions of
+        the S tokens in the flattened batch, None = all), from which each token's sequence is found when a
+        policy needs it): `(out [S, D], aux loss, statistics or None, modality loss or None)`.
+
+        When the capacity is at least the number of assignments no expert can be over it, so the policy is
+        not run and every assignment is kept (what any policy would keep): the eval-mode case with two
+        experts, and every decoding step."""
         logits = F.linear(x.float(), self.router.weight.float())  # (S, E) fp32
         probs = logits.softmax(dim=-1)
         expert_idx, weights = assign_experts(probs, mask, top_k=self.top_k, allocation=self.allocation)
         capacity = self._capacity(expert_idx.numel())
-        keep = self._policy(
-            probs, expert_idx, mask, capacity, sequence_ids=sequence_ids, generator=self._generator
-        )
+        keep = None
+        if capacity < expert_idx.numel():
+            batch, seq_len, positions = layout
+            sequence_ids = torch.arange(batch, device=x.device).repeat_interleave(seq_len)  # (B*T,)
+            if positions is not None:
+                sequence_ids = sequence_ids[positions]
+            keep = self._policy(
+                probs, expert_idx, mask, capacity, sequence_ids=sequence_ids, generator=self._generator
+            )
         out = self._dispatch(x, expert_idx, keep, self._combine_weights(weights))
         if self.coefficient is not None:
             coef = self.coefficient(x).softmax(dim=-1)  # (S, 2)
             dense = self.language_ffn(x.unsqueeze(0)).squeeze(0)
             out = out * coef[:, :1] + dense * coef[:, 1:]
-        stats = _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs)
+        stats = (
+            _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs) if with_stats else None
+        )
         router_loss = None
         if self.modality_loss_coef > 0 and self.training:
             router_loss = self.modality_loss_coef * modality_routing_loss(logits, mask)
-        return out, self._balance_loss(probs, expert_idx), stats, router_loss
+        aux = self._balance_loss(probs, expert_idx) if with_stats or self.training else self._zero(x)
+        return out, aux, stats, router_loss
+
+    @staticmethod
+    def _zero(like: Tensor) -> Tensor:
+        return torch.zeros((), device=like.device)
 
     def _language_only(self, hidden_states: Tensor, token_mask: Tensor | None = None) -> EVFOutput:
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
@@ -403,15 +448,22 @@ class ElasticVisionFFN(nn.Module):
             return weights / weights.sum(dim=-1, keepdim=True)
         return weights
 
-    def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor, weights: Tensor) -> Tensor:
-        """Group the kept assignments by expert with one stable argsort, gather their tokens once, run each
-        expert on its slice, and gather `weight * output` back to token order (dropped assignments read a
-        zero row). Returns [S, D] in the input dtype.
+    def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor | None, weights: Tensor) -> Tensor:
+        """Group the kept assignments (`keep` None: all) by expert with one stable argsort, gather their tokens
+        once, run each expert on its slice, and gather `weight * output` back to token order (dropped
+        assignments read a zero row). Returns [S, D] in the input dtype.
+
+        One token with one expert (a decoding step of one sequence) runs that expert directly: no sort, no
+        count, no copy.
 
         The way back is a gather with the inverse permutation rather than `index_add_`: the same result
         and cost order, but CPU `index_add_` slows down badly when the cores are shared."""
         num_tokens, top_k = expert_idx.shape
-        bucket = torch.where(keep, expert_idx, self.num_experts).reshape(-1)  # (S*K,), dropped -> E
+        if num_tokens == 1 and top_k == 1 and keep is None:
+            expert = self.experts[int(expert_idx)]
+            return expert(x.unsqueeze(0)).squeeze(0) * weights.to(x.dtype)
+        bucket = expert_idx if keep is None else torch.where(keep, expert_idx, self.num_experts)
+        bucket = bucket.reshape(-1)  # (S*K,), dropped -> E
         order = torch.argsort(bucket, stable=True)
         counts = torch.bincount(bucket, minlength=self.num_experts + 1).tolist()  # the one host sync
         num_kept = num_tokens * top_k - counts[-1]
@@ -497,14 +549,22 @@ def validate_options(
 
 
 def _routing_stats(
-    expert_idx: Tensor, keep: Tensor, image_mask: Tensor, num_experts: int, capacity: int, probs: Tensor
+    expert_idx: Tensor,
+    keep: Tensor | None,
+    image_mask: Tensor,
+    num_experts: int,
+    capacity: int,
+    probs: Tensor,
 ) -> RoutingStats:
-    """Count assignments per (modality, expert), routed and kept, with one bincount each."""
+    """Count assignments per (modality, expert), routed and kept (`keep` None: all), with one bincount each."""
     with torch.no_grad():
         bucket = expert_idx + num_experts * (~image_mask)[:, None]  # image: e, text: E + e
         routed = torch.bincount(bucket.reshape(-1), minlength=2 * num_experts)
-        kept_bucket = torch.where(keep, bucket, 2 * num_experts)
-        kept = torch.bincount(kept_bucket.reshape(-1), minlength=2 * num_experts + 1)
+        if keep is None:  # every assignment kept
+            kept = routed
+        else:
+            kept_bucket = torch.where(keep, bucket, 2 * num_experts)
+            kept = torch.bincount(kept_bucket.reshape(-1), minlength=2 * num_experts + 1)
         entropy = torch.special.entr(probs).sum(dim=-1).mean()
     e = num_experts
     return RoutingStats(routed[:e], routed[e:], kept[:e], kept[e : 2 * e], capacity, entropy.detach())

@@ -48,8 +48,9 @@ class EveCausalLMOutput(CausalLMOutputWithPast):
         logits: (B, T, V) next-token logits.
         past_key_values / cache: The KV cache when `use_cache`, under the name of the installed transformers
             (`cache` from 5.24, which still reads `past_key_values`).
-        aux_loss: Sum of the EVF layers' balance losses (0 without EVF layers).
-        routing: Routing statistics of each EVF layer, keyed by decoder-layer index.
+        aux_loss: Sum of the EVF layers' balance losses (0 without EVF layers or when routing is not recorded).
+        routing: Routing statistics of each EVF layer, keyed by decoder-layer index (None when routing is not
+            recorded: see `forward`'s `output_routing`).
         image_hidden_states: (N, Ni, D) projected image features when images were given.
     """
 
@@ -214,6 +215,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_routing: bool | None = None,
         **kwargs,  # to the language model: the KV cache (`past_key_values`, `cache` from transformers 5.24), ...
     ) -> EveCausalLMOutput:
         """Runs the model.
@@ -228,6 +230,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 image prompt keep the multimodal path (LoRA on, EVF routing) although new tokens are text.
             labels: (B, T) targets, -100 where ignored (placeholder positions are always ignored); shifted
                 inside like transformers' causal LMs.
+            output_routing: Record the EVF layers' routing: `routing` (per-layer statistics) and `aux_loss`.
+                Default: in training mode (the balance loss is part of the loss), not in eval mode, where the
+                EVF layers then compute only their outputs (as transformers' MoE models leave
+                `output_router_logits` off for inference).
         """
         if inputs_embeds is None:
             image_mask = input_ids == self.config.image_token_id
@@ -257,8 +263,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             )
 
         recorder = None
-        if self.config.evf is not None:
-            recorder = RoutingRecorder()
+        record = self.training if output_routing is None else output_routing
+        if self.config.evf is not None and (record or bool(has_image.any())):
+            # Without an image and with nothing to record, nothing is bound: each EVF layer is its language FFN.
+            recorder = RoutingRecorder() if record else None
             # Padding (attention_mask 0 at the new positions) takes the language FFN and is never routed.
             # Checked once here, not in every EVF layer: without padding the layers get no mask at all.
             token_mask = None

@@ -56,7 +56,7 @@ def capture_evf_inputs(model, batches: Iterable[dict]) -> dict[int, tuple[torch.
             mask = batch.get("attention_mask")
             keep[0] = mask.bool() if mask is not None else None
             batch.pop("labels", None)
-            model(**batch)
+            model(**batch, output_routing=True)  # binds the routing inputs for text-only batches too
     finally:
         for handle in handles:
             handle.remove()

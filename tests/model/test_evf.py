@@ -343,3 +343,71 @@ def test_modality_allocation_gives_weight_one(combine):
     assert torch.allclose(out.hidden_states[text], evf.language_ffn(x[text].unsqueeze(0)).squeeze(0))
     vision = evf.vision_ffns[0](x[image].unsqueeze(0)).squeeze(0)
     assert torch.allclose(out.hidden_states[image], vision)
+
+
+POLICIES = ["rts", "position", "bpr", "gbpr", "img_gbpr", "modality"]
+ROUTING_OPTIONS = [{}, {"num_experts": 3, "top_k": 2}, {"combine": "hard"}, {"use_residual": True}]
+# Every policy with every option, but `modality` (top-1 only) without top-2.
+POLICY_CASES = [
+    (policy, options)
+    for policy in POLICIES
+    for options in ROUTING_OPTIONS
+    if not (policy == "modality" and options.get("top_k", 1) > 1)
+]
+
+
+@pytest.mark.parametrize(("allocation", "options"), POLICY_CASES)
+def test_a_policy_under_a_capacity_that_cannot_bind_keeps_everything(allocation, options):
+    """Why `route` skips the policy when the capacity is at least the number of assignments."""
+    from eve_vlm.model.allocation import assign_experts, get_policy
+
+    x, mask = _batch(seed=3, batch=3, seq_len=7)
+    probs = torch.randn(21, options.get("num_experts", 2)).softmax(-1)
+    expert_idx, _ = assign_experts(
+        probs, mask.reshape(-1), top_k=options.get("top_k", 1), allocation=allocation
+    )
+    keep = get_policy(allocation)(
+        probs,
+        expert_idx,
+        mask.reshape(-1),
+        expert_idx.numel(),
+        sequence_ids=torch.arange(3).repeat_interleave(7),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert keep.all()
+
+
+@pytest.mark.parametrize(("allocation", "options"), POLICY_CASES)
+def test_decoding_one_token_equals_that_token_routed_in_a_batch(allocation, options):
+    """The one-token path (one decoding step of one sequence: the expert run directly) and the path without
+    statistics give what the general dispatch gives the same token among others, in eval mode."""
+    evf = _evf(allocation=allocation, seed=2, **options).eval()
+    x, mask = _batch(seed=4, batch=6, seq_len=1)  # six sequences, one new token each
+    has_image = torch.tensor([True] * 6)
+    with torch.no_grad():
+        batched = evf.route(x, mask, has_image).hidden_states
+        assert torch.equal(evf.route(x, mask, has_image, with_stats=False).hidden_states, batched)
+        for row in range(6):
+            one = evf.route(x[row : row + 1], mask[row : row + 1], has_image[:1], with_stats=False)
+            torch.testing.assert_close(one.hidden_states, batched[row : row + 1])
+            assert one.stats is None
+
+
+@pytest.mark.parametrize("options", ROUTING_OPTIONS)
+def test_the_text_path_without_statistics_is_the_language_ffn_bit_for_bit(options):
+    evf = _evf(**options).eval()
+    x, mask = _batch(seed=5, batch=3, seq_len=4)
+    has_image = torch.tensor([True, False, True])
+    with torch.no_grad():
+        text_only = evf.route(x, torch.zeros_like(mask), with_stats=False)
+        assert torch.equal(text_only.hidden_states, evf.language_ffn(x)) and text_only.stats is None
+        mixed = evf.route(
+            x * has_image[:, None, None], mask & has_image[:, None], has_image, with_stats=False
+        )
+        assert torch.equal(mixed.hidden_states[1], evf.language_ffn(torch.zeros_like(x[1:2]))[0])
+        full = evf.route(x, mask & has_image[:, None], has_image)
+        assert torch.equal(
+            evf.route(x, mask & has_image[:, None], has_image, with_stats=False).hidden_states,
+            full.hidden_states,
+        )
+        assert torch.equal(evf(x), evf.language_ffn(x))  # nothing bound: the language FFN

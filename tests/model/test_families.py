@@ -178,7 +178,7 @@ def test_stages_keep_the_text_path_of_the_base_lm(folders, family, tower):
         for policy in (default, "modality"):  # `modality` sends every image token to the vision FFN
             for evf in model.evf_layers.values():
                 evf.set_allocation(policy)
-            out = model(input_ids=ids, pixel_values=pixels)
+            out = model(input_ids=ids, pixel_values=pixels, output_routing=True)
             assert_close(out.logits, expected)
             assert sorted(out.routing) == [0, 2]
             if policy == "modality":

@@ -69,7 +69,7 @@ def test_evf_insertion_parity_hard_combine(family, allocation, combine):
     model.add_elastic_vision_ffns("alternate", combine=combine, allocation=allocation)
     ids, pixels = image_batch(model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=pixels)
+        out = model(input_ids=ids, pixel_values=pixels, output_routing=True)
         assert_close(out.logits, plain(input_ids=ids, pixel_values=pixels).logits)
         assert sum(int(s.kept_image[1:].sum()) for s in out.routing.values()) > 0  # a vision FFN ran
         texts = text_batch()
@@ -178,6 +178,45 @@ def test_kv_cache_generation_equals_no_cache(family):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"allocation": "img_gbpr"},
+        {"allocation": "rts"},
+        {"allocation": "modality"},
+        {"allocation": "bpr", "num_experts": 3, "top_k": 2},
+    ],
+)
+def test_kv_cache_decoding_of_a_mixed_batch_equals_each_request_alone(options):
+    """Left-padded batch of an image request and a text-only request: KV-cache greedy decoding (the one-token
+    paths) gives each row what it gets alone, and the text row what the base LM gives."""
+    model = tiny_model()
+    base = copy.deepcopy(model.language_model)
+    model.add_elastic_vision_ffns("alternate", **options)
+    torch.manual_seed(3)
+    for evf in model.evf_layers.values():  # a router that splits tokens, distinct vision FFNs
+        torch.nn.init.normal_(evf.router.weight, std=1.0)
+        for p in evf.vision_ffns.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    ids, pixels = image_batch(model.config, batch=1)
+    text = text_batch(1, 5, seed=2)
+    width = ids.shape[1]
+    padded_text = torch.cat([torch.zeros(1, width - 5, dtype=text.dtype), text], dim=1)
+    batch = torch.cat([ids, padded_text])
+    mask = torch.cat([torch.ones_like(ids), torch.arange(width).ge(width - 5).long()[None]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    together = model.generate(input_ids=batch, attention_mask=mask, pixel_values=pixels, **kwargs)
+    assert torch.equal(
+        together,
+        model.generate(input_ids=batch, attention_mask=mask, pixel_values=pixels, use_cache=False, **kwargs),
+    )
+    alone = model.generate(input_ids=ids, pixel_values=pixels, **kwargs)
+    assert torch.equal(together[0], alone[0])
+    assert torch.equal(
+        together[1], base.generate(input_ids=padded_text, attention_mask=mask[1:], **kwargs)[0]
+    )
+
+
 def test_manual_cache_decoding_needs_has_image_and_then_matches_generate():
     from transformers.cache_utils import Cache
 
@@ -204,7 +243,7 @@ def test_output_carries_the_language_models_kv_cache(family):
     model = tiny_model(family)
     model.add_elastic_vision_ffns("alternate")
     ids, pixels = image_batch(model.config)
-    out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+    out = model(input_ids=ids, pixel_values=pixels, use_cache=True, output_routing=True)
     caches = [value for value in out.values() if isinstance(value, Cache)]  # named by the installed version
     assert len(caches) == 1 and caches[0].get_seq_length() == ids.shape[1]
     assert out.logits.shape[:2] == ids.shape and out.routing
