@@ -291,7 +291,7 @@ class ElasticVisionFFN(nn.Module):
         """`language_ffn(hidden_states)`, the base LLM's FFN: a LoRA adapter on it (stage 2) is off. Nothing
         else is computed."""
         layers = lora_layers(self.language_ffn)
-        if not layers:
+        if all(layer.disable_adapters for layer in layers):  # none, or already off (the model's text path)
             return self.language_ffn(hidden_states)
         with adapters_disabled(layers):
             return self.language_ffn(hidden_states)

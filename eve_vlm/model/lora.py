@@ -56,7 +56,22 @@ def lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
 def adapters_disabled(layers: list[BaseTunerLayer]):
     """Runs the layers without their adapters, then puts each layer back as it was (on or off) and restores
     each adapter weight's `requires_grad` (peft's `enable_adapters` would otherwise make every active adapter
-    trainable again). Nested uses are safe: an inner one leaves the layers off for the outer one."""
+    trainable again). Nested uses are safe: an inner one leaves the layers off for the outer one.
+
+    With gradients disabled (inference) only the switch that peft's forward reads (`disable_adapters`) is set
+    and put back: the `requires_grad` bookkeeping of `enable_adapters` matters only when gradients are computed
+    and costs about 30 times more (8 ms per forward for the 105 LoRA layers of a SmolLM2-135M stage-2 model).
+    """
+    if not torch.is_grad_enabled():
+        was_disabled = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, disabled in zip(layers, was_disabled, strict=True):
+                layer._disable_adapters = disabled
+        return
     params = [
         p for layer in layers for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()
     ]

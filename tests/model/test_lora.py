@@ -134,16 +134,39 @@ def test_mixed_batch_generation_with_lora_and_evf():
     assert not torch.allclose(lora_on, plain, atol=1e-3)
 
 
-def test_nested_adapters_disabled_keeps_the_outer_state():
+@pytest.mark.parametrize("grad", [True, False])
+def test_nested_adapters_disabled_keeps_the_outer_state(grad):
     from eve_vlm.model.lora import adapters_disabled
 
     model, _ = lora_model()
     layers = lora_layers(model.language_model)
-    with adapters_disabled(layers):
-        with adapters_disabled(layers[:2]):
-            pass
-        assert all(layer.disable_adapters for layer in layers)
-    assert not any(layer.disable_adapters for layer in layers)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.set_grad_enabled(grad):
+        with adapters_disabled(layers):
+            with adapters_disabled(layers[:2]):
+                pass
+            assert all(layer.disable_adapters for layer in layers)
+        assert not any(layer.disable_adapters for layer in layers)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_the_cached_lora_layers_follow_structure_changes_and_copies():
+    """The model finds its LoRA layers once per structure: adding EVF layers, merging and copying keep the
+    text path the base LLM's and the image path with LoRA."""
+    model, base = lora_model()
+    ids, (image_ids, pixels) = text_batch(), image_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)  # the cache is built
+        copied = copy.deepcopy(model)
+        assert torch.equal(copied(input_ids=ids).logits, base(input_ids=ids).logits)
+        assert all(not layer.disable_adapters for layer in lora_layers(model.language_model))
+        with_lora = model(input_ids=image_ids, pixel_values=pixels).logits
+        model.add_elastic_vision_ffns("alternate", combine="hard")
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        torch.testing.assert_close(model(input_ids=image_ids, pixel_values=pixels).logits, with_lora)
+        copied.merge_lora()
+        assert not lora_layers(copied.language_model)
+        assert not torch.equal(copied(input_ids=ids).logits, base(input_ids=ids).logits)  # LoRA merged in
 
 
 def test_dora_is_refused():
