@@ -92,6 +92,9 @@ class EvePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # EVF routers load in fp32 whatever dtype the rest loads in (`Router` computes in fp32).
+    _keep_in_fp32_modules = ["mlp.router"]
+    _keep_in_fp32_modules_strict = ["mlp.router"]
     # The loss adds the EVF balance loss per micro-batch, so the Trainer must not expect a token-count-normalised
     # loss (it divides by the gradient-accumulation steps instead).
     accepts_loss_kwargs = False

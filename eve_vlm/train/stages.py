@@ -40,7 +40,7 @@ from eve_vlm.model.decoder_layer import check_family_convertible
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.tower import load_vision_tower, read_tower_config
 from eve_vlm.train.recipe import Recipe
-from eve_vlm.train.trainable import apply_trainable_rules
+from eve_vlm.train.trainable import apply_trainable_rules, trainable_to_fp32
 from eve_vlm.train.trainer import EveTrainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -350,6 +350,8 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         is_main_process=args.local_process_index == 0,
     )
     matches = apply_trainable_rules(model, recipe.trainable, recipe.expect_trainable, log=log)
+    if cast := trainable_to_fp32(model):
+        log(f"trainable parameters: {cast} tensors cast to fp32; the frozen ones stay {recipe.model.dtype}")
     if not text_path_trains(model) and (dropped := dataset.drop_text_only()):
         log(
             f"data: dropped {dropped} text-only rows: without an image the model runs the frozen base path "

@@ -244,6 +244,23 @@ def test_save_load_round_trip(tmp_path, family, evf):
     assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
 
 
+def test_routers_stay_fp32_when_the_model_loads_in_bf16(tmp_path):
+    """`from_pretrained(dtype=bfloat16)` loads everything in bf16 but the EVF routers
+    (`_keep_in_fp32_modules_strict`); a bf16 model with a residual mix runs without autocast."""
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate", use_residual=True)
+    model.save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    routers = {name for name in dtypes if name.endswith(".mlp.router.weight")}
+    assert len(routers) == 2 and {dtypes[name] for name in routers} == {torch.float32}
+    assert {dtype for name, dtype in dtypes.items() if name not in routers} == {torch.bfloat16}
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, pixel_values=pixels.to(torch.bfloat16)).logits
+    assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
+
+
 def test_checkpoint_mismatch_raises(tmp_path):
     plain = tiny_model()
     plain.save_pretrained(tmp_path / "plain")

@@ -69,7 +69,7 @@ def parts(tmp_path_factory):
     return root
 
 
-def recipe(parts, tmp_path, stage, evf=None, **training):
+def recipe(parts, tmp_path, stage, evf=None, model=None, **training):
     data = {
         "stage": stage,
         "model": {"init_from": str(tmp_path / f"stage{stage - 1}")}
@@ -107,6 +107,7 @@ def recipe(parts, tmp_path, stage, evf=None, **training):
             **training,
         },
     }
+    data["model"].update(model or {})
     if stage == 2:
         data["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     if stage == 3:
@@ -509,3 +510,43 @@ def test_stage3_on_a_family_without_mlp_is_refused_before_loading_the_model(part
     monkeypatch.setattr(EveForConditionalGeneration, "from_pretrained", no_load)
     with pytest.raises(ConfigError, match=r"evf: .*stage2 cannot take .*OPTDecoderLayer\) has no `mlp`"):
         build_model(recipe(parts, tmp_path, 3))
+
+
+class TrainableWatch(TrainerCallback):
+    """The trainable weights when training starts and ends, and the optimizer's state when it ends."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.frozen_dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+        self.state_dtypes = {
+            value.dtype
+            for per_param in optimizer.state.values()
+            for key, value in per_param.items()
+            if key != "step" and torch.is_tensor(value)
+        }
+
+    def changed_share(self) -> float:
+        changed = sum(int((self.after[n] != w).sum()) for n, w in self.before.items())
+        return changed / sum(w.numel() for w in self.before.values())
+
+
+def test_a_bfloat16_model_trains_fp32_copies_of_its_trainable_weights(parts, tmp_path):
+    """Stages 2 (LoRA) and 3 on a model loaded in bf16 (`model.dtype: bfloat16`, bf16 autocast): at lr 2e-5 an
+    Adam step is far below a bf16 weight's spacing, so only fp32 trainable weights (and fp32 optimizer state)
+    move; the frozen weights stay bf16. (The MLP projector: some of the LDP's squeeze-excite ReLU units get no
+    gradient in this tiny model, so their weights rest at any precision.)"""
+    run_stage(recipe(parts, tmp_path, 1, model={"projector_type": "mlp2x_gelu"}, max_steps=3))
+    for stage in (2, 3):
+        watch = TrainableWatch()
+        bf16 = {"dtype": "bfloat16"}
+        run_stage(
+            recipe(parts, tmp_path, stage, model=bf16, max_steps=5, learning_rate=2e-5, bf16=True),
+            callbacks=[watch],
+        )
+        assert {w.dtype for w in watch.after.values()} == {torch.float32}, stage
+        assert watch.state_dtypes == {torch.float32}, stage
+        assert watch.frozen_dtypes == {torch.bfloat16}, stage
+        assert watch.changed_share() > 0.99, (stage, watch.changed_share())
