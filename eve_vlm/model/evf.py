@@ -338,8 +338,10 @@ class ElasticVisionFFN(nn.Module):
         Returns:
             `EVFOutput`; for sequences without an image, `language_ffn(hidden_states)` exactly.
         """
-        if has_image is None:
-            has_image = image_mask.any(dim=1)
+        device = hidden_states.device  # the masks come from the embedding's device under a device map
+        image_mask = image_mask.to(device)
+        has_image = image_mask.any(dim=1) if has_image is None else has_image.to(device)
+        token_mask = None if token_mask is None else token_mask.to(device)
         if not bool(has_image.any()):
             return self._language_only(hidden_states, token_mask)
         if bool(has_image.all()):

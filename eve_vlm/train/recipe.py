@@ -25,6 +25,7 @@ from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
 from eve_vlm.model.processing import IMAGE_ASPECT_RATIOS
 
 STAGES = (1, 2, 3)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 ROUTER_INITS = ("random", "modality")
 TRAINING_ONLY = (
     "placement",
@@ -58,6 +59,10 @@ class ModelSpec:
         dtype: `float32` or `bfloat16`: the dtype the model is loaded in. With `bfloat16` the frozen weights stay
             bf16 (half the memory) while the trainable ones are cast to fp32 (so are their optimizer state and
             the saved trained weights), and the stage needs `training.bf16: true` to compute in bf16.
+        attn_implementation: The attention kernel of the LM and the tower while training (`eager`, `sdpa`,
+            `flash_attention_2`, `flash_attention_3`, `flex_attention`); unset: transformers' default (sdpa
+            where the model supports it). Not saved with the model: `from_pretrained(attn_implementation=...)`
+            chooses it when loading.
     """
 
     init_from: str | None = None
@@ -70,6 +75,7 @@ class ModelSpec:
     vision_feature_norm: bool = False
     image_aspect_ratio: str | None = None
     dtype: str = "float32"
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.init_from is None and (self.language_model is None or self.vision_tower is None):
@@ -82,6 +88,11 @@ class ModelSpec:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype={self.dtype!r}: use float32 or bfloat16.")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ConfigError(
+                f"model.attn_implementation={self.attn_implementation!r}: use one of "
+                f"{', '.join(ATTN_IMPLEMENTATIONS)} (or leave it unset)."
+            )
 
 
 @dataclass

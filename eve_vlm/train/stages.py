@@ -124,6 +124,13 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
         processor = EveProcessor.from_pretrained(source)
         if recipe.model.image_aspect_ratio is not None:
             processor.image_aspect_ratio = recipe.model.image_aspect_ratio
+    if recipe.model.attn_implementation is not None:
+        try:
+            model.set_attn_implementation(recipe.model.attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(
+                f"model.attn_implementation={recipe.model.attn_implementation!r}: {err}"
+            ) from None
     if recipe.lora is not None and model.config.lora is None:
         model.add_lora(**recipe.lora.to_peft())
     if recipe.evf is not None:

@@ -140,3 +140,10 @@ def test_bf16_weights_need_bf16_compute(tmp_path):
     with pytest.raises(ConfigError, match="model.dtype=bfloat16 .* set training.bf16: true"):
         load_recipe(path, ["model.dtype=bfloat16"])
     assert load_recipe(path, ["model.dtype=bfloat16", "training.bf16=true"]).training.bf16
+
+
+def test_attn_implementation_is_a_checked_model_key(tmp_path):
+    path = write(tmp_path, minimal())
+    assert load_recipe(path, ["model.attn_implementation=eager"]).model.attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="model.attn_implementation='flash': use one of eager, sdpa"):
+        load_recipe(path, ["model.attn_implementation=flash"])

@@ -1,5 +1,6 @@
 """Stages 1 -> 2 -> 3 end to end, in-process, on tiny parts saved to disk and a synthetic colour task."""
 
+import importlib.util
 import json
 import shutil
 
@@ -550,3 +551,43 @@ def test_a_bfloat16_model_trains_fp32_copies_of_its_trainable_weights(parts, tmp
         assert watch.state_dtypes == {torch.float32}, stage
         assert watch.frozen_dtypes == {torch.bfloat16}, stage
         assert watch.changed_share() > 0.99, (stage, watch.changed_share())
+
+
+def test_a_saved_model_runs_on_a_chosen_device_and_dtype(parts, tmp_path, capsys):
+    """`eve chat` and `eve eval vqa` take `--device` and `--dtype`: a stage-3 model answers in bf16 on the CPU
+    (its routers stay fp32); a device this machine lacks, or a bad name, exits 2 with a message."""
+    from eve_vlm.cli import main
+    from eve_vlm.serve.loading import load_model
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    run_stage(recipe(parts, tmp_path, 2, max_steps=2), log=lambda line: None)
+    run_stage(recipe(parts, tmp_path, 3, max_steps=2), log=lambda line: None)
+    model_dir, image = str(tmp_path / "stage3"), str(parts / "images" / "0.png")
+    model, _ = load_model(model_dir, "bfloat16", "cpu")
+    assert model.device.type == "cpu" and model.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if ".router." in n} == {torch.float32}
+
+    bf16_cpu = ["--device", "cpu", "--dtype", "bfloat16", "--max-new-tokens", "3"]
+    assert main(["chat", model_dir, "what is the colour", "--image", image, *bf16_cpu]) == 0
+    assert main(["chat", model_dir, "is there a circle", *bf16_cpu]) == 0
+    out = tmp_path / "vqa-eval"
+    args = ["eval", "vqa", "--model", model_dir, "--data", str(parts / "vqa.jsonl"), "--out", str(out)]
+    args += ["--images", str(parts / "images"), "--limit", "6", "--quiet", "--device", "cpu"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "vqa_metrics.json").read_text())["questions"] == 6
+
+    capsys.readouterr()
+    assert main(["chat", model_dir, "hello", "--device", "warp9"]) == 2
+    assert "--device 'warp9' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_the_recipe_chooses_the_attention_implementation(parts, tmp_path):
+    model, _ = build_model(recipe(parts, tmp_path, 1, model={"attn_implementation": "eager"}))
+    assert model.language_model.config._attn_implementation == "eager"
+    assert model.vision_tower.tower.config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match="model.attn_implementation='flash_attention_2': "):
+            build_model(recipe(parts, tmp_path, 1, model={"attn_implementation": "flash_attention_2"}))
