@@ -553,6 +553,73 @@ def test_a_bfloat16_model_trains_fp32_copies_of_its_trainable_weights(parts, tmp
         assert watch.changed_share() > 0.99, (stage, watch.changed_share())
 
 
+def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tmp_path):
+    """The authors' stage 2 (no LoRA, the full LLM trains) keeps the text-only rows, whose batches give the
+    projector no gradient: DDP must be told (`find_unused_parameters`, decided from the model), or the step
+    after such a batch fails. Two epochs under `torchrun --nproc_per_node 2` (gloo) finish and save."""
+    import os
+    import subprocess
+    import sys
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    full = recipe(parts, tmp_path, 2, max_steps=14, per_device_train_batch_size=4, learning_rate=1e-4)
+    data = yaml.safe_load((tmp_path / "stage2.yaml").read_text())
+    data.pop("lora")
+    data["trainable"] = [{"pattern": r"^projector\."}, {"pattern": r"^language_model\."}]
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(data))
+    del full
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    cmd += ["-m", "eve_vlm.cli", "train", str(tmp_path / "stage2.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dropped" not in proc.stdout and "8 text-only" in proc.stdout
+    summary = json.loads((tmp_path / "stage2" / "eve_training.json").read_text())
+    assert summary["steps"] == 14
+    trained = EveForConditionalGeneration.from_pretrained(tmp_path / "stage2").state_dict()
+    start = EveForConditionalGeneration.from_pretrained(tmp_path / "stage1").state_dict()
+    key = "language_model.model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained[key], start[key])
+
+
+def test_ddp_unused_parameters_are_decided_from_the_model():
+    """DDP's `find_unused_parameters` follows what a step can leave without a gradient, not the stage."""
+    from conftest import tiny_model
+
+    from eve_vlm.train.stages import may_leave_trainable_unused
+
+    def trainable(model, *parts):
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(part in name for part in parts))
+        return model
+
+    model = tiny_model()
+    assert not may_leave_trainable_unused(trainable(model, "language_model."), text_rows=True)
+    model.add_lora(r=2, lora_alpha=4, target_modules=["q_proj"])
+    lora = trainable(model, "projector.", "lora_")
+    assert not may_leave_trainable_unused(lora, text_rows=False)  # stage 2 with LoRA: text rows dropped
+    full = trainable(model, "projector.", "language_model.")
+    assert may_leave_trainable_unused(full, text_rows=True)  # a text batch leaves the projector out
+    assert not may_leave_trainable_unused(full, text_rows=False)
+    assert may_leave_trainable_unused(trainable(model, "language_model."), text_rows=True)  # LoRA included
+    model.add_elastic_vision_ffns("alternate")
+    assert may_leave_trainable_unused(trainable(model, ".router.", ".vision_ffns."), text_rows=False)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "world_size", "refused"),
+    [(0, None, False), (1, None, False), (2, "2", False), (8, "1", False), (2, None, True), (8, None, True)],
+)
+def test_one_process_on_several_gpus_is_refused_naming_torchrun(gpus, world_size, refused):
+    from eve_vlm.train.stages import check_one_process_per_gpu
+
+    if not refused:
+        check_one_process_per_gpu(gpus, world_size)
+        return
+    with pytest.raises(ConfigError, match=rf"nn.DataParallel .* torchrun --nproc_per_node {gpus} -m eve_vlm"):
+        check_one_process_per_gpu(gpus, world_size)
+
+
 def test_a_saved_model_runs_on_a_chosen_device_and_dtype(parts, tmp_path, capsys):
     """`eve chat` and `eve eval vqa` take `--device` and `--dtype`: a stage-3 model answers in bf16 on the CPU
     (its routers stay fp32); a device this machine lacks, or a bad name, exits 2 with a message."""
