@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from eve_vlm.assets import prepare
+from eve_vlm.device import add_device_arguments
 from eve_vlm.errors import ConfigError
 from eve_vlm.quickstart_report import (
     ABLATION_POLICIES,
@@ -173,7 +174,16 @@ def plan_runs(out: Path, smoke: bool, with_baseline: bool, ablation: bool) -> li
 class Evaluator:
     """Evaluates saved models on the quickstart sets, computing the base LLM once."""
 
-    def __init__(self, paths: dict, vqa_limit: int, mc_limit: int, text_chars: int, routing_limit: int):
+    def __init__(
+        self,
+        paths: dict,
+        vqa_limit: int,
+        mc_limit: int,
+        text_chars: int,
+        routing_limit: int,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
         from eve_vlm.data.llava import DataSource, load_rows
         from eve_vlm.eval.language import load_mc_items, load_texts
         from eve_vlm.eval.vqa import load_vqa_rows
@@ -192,15 +202,16 @@ class Evaluator:
         self.routing_limit = routing_limit
         self.base_dir = str(paths["llm"])
         self.base_scores: dict | None = None
+        self.device, self.dtype = device, dtype
 
-    def base_language_scores(self, tokenizer) -> dict:
-        """The base LLM's text and MC scores, computed on first use (every model shares the tokenizer)."""
-        from transformers import AutoModelForCausalLM
-
+    def base_language_scores(self, tokenizer, like) -> dict:
+        """The base LLM's text and MC scores, computed on first use (every model shares the tokenizer), with the
+        base on the device and at the dtype of the model `like`."""
+        from eve_vlm.eval.cli import load_base
         from eve_vlm.eval.language import score_language
 
         if self.base_scores is None:
-            base = AutoModelForCausalLM.from_pretrained(self.base_dir).eval()
+            base, _ = load_base(self.base_dir, like)
             self.base_scores = score_language(
                 base, tokenizer, self.texts, {"wordnet_mc": self.mc}, batch_size=LANGUAGE_BATCH
             )
@@ -214,7 +225,7 @@ class Evaluator:
         from eve_vlm.eval.language import evaluate_language
         from eve_vlm.eval.vqa import evaluate_vqa
 
-        model, processor = load_model_and_processor(str(model_dir))
+        model, processor = load_model_and_processor(str(model_dir), self.device, self.dtype)
         metrics, plots = {}, []
         if run.vqa:
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=VQA_BF16):
@@ -227,7 +238,7 @@ class Evaluator:
                 processor.text_tokenizer,
                 self.texts,
                 {"wordnet_mc": self.mc},
-                base_scores=self.base_language_scores(processor.text_tokenizer),
+                base_scores=self.base_language_scores(processor.text_tokenizer, model),
                 base_name="SmolLM2-135M-Instruct",
                 batch_size=LANGUAGE_BATCH,
             )
@@ -372,9 +383,17 @@ def run_quickstart(
     mc_limit: int = 100,
     text_chars: int = 20000,
     routing_limit: int = 64,
+    device: str | None = None,
+    dtype: str | None = None,
     log=print,
 ) -> Path:
-    """Runs the pipeline and returns the report path."""
+    """Runs the pipeline and returns the report path.
+
+    Args:
+        device: Where the evaluations load each model (`eve_vlm/device.py`; default the GPU when there is
+            one); training runs where transformers' Trainer puts it (the GPU when there is one).
+        dtype: The dtype the evaluations load each model in (default float32).
+    """
     from eve_vlm.eval.report import write_report
 
     out_dir = Path(out).resolve()
@@ -385,7 +404,7 @@ def run_quickstart(
     timings["prepare"] = time.time() - start
     if smoke:
         vqa_limit, mc_limit, text_chars, routing_limit = 16, 8, 2000, 8
-    evaluate = Evaluator(paths, vqa_limit, mc_limit, text_chars, routing_limit)
+    evaluate = Evaluator(paths, vqa_limit, mc_limit, text_chars, routing_limit, device, dtype)
     metrics: dict[str, dict] = {}
     plots: dict[str, list[str]] = {}
     settings = {
@@ -395,6 +414,8 @@ def run_quickstart(
         "routing": routing_limit,
         "routing_rows": "train_dialogues",
     }
+    if dtype not in (None, "float32"):
+        settings["dtype"] = dtype  # absent: float32, as in the records of runs before the option
     reused: list[str] = []
     for run in plan_runs(out_dir, smoke, with_baseline, ablation):
         outcome = train_or_reuse(run, out_dir, settings, evaluate, log)
@@ -436,8 +457,15 @@ def add_quickstart_parser(subparsers) -> None:
     )
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and tiny evaluations")
     p.add_argument("--vqa-limit", type=int, default=2000, help="easy-VQA test questions evaluated")
+    add_device_arguments(p, suffix="; for the evaluations (training goes where the Trainer puts it)")
     p.set_defaults(
         func=lambda a: run_quickstart(
-            a.out, with_baseline=a.with_baseline, ablation=a.ablation, smoke=a.smoke, vqa_limit=a.vqa_limit
+            a.out,
+            with_baseline=a.with_baseline,
+            ablation=a.ablation,
+            smoke=a.smoke,
+            vqa_limit=a.vqa_limit,
+            device=a.device,
+            dtype=a.dtype,
         )
     )

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from eve_vlm.device import add_device_arguments
 from eve_vlm.errors import DataError
 
 __all__ = ["add_eval_parser"]
@@ -15,15 +16,27 @@ __all__ = ["add_eval_parser"]
 POLICIES = ("rts", "position", "bpr", "gbpr", "img_gbpr", "modality")
 
 
-def load_model_and_processor(model_dir: str):
-    """An Eve model (eval mode) and its processor from a saved folder."""
-    import eve_vlm  # noqa: F401  (registers the Auto classes)
-    from eve_vlm.model import EveForConditionalGeneration, EveProcessor
-    from eve_vlm.model.folder import check_eve_folder
+def load_model_and_processor(model_dir: str, device: str | None = None, dtype: str | None = None):
+    """An Eve model (eval mode) and its processor from a saved folder, on `device` at `dtype` (see
+    `eve_vlm.serve.loading.load_model`: default the GPU when there is one, float32)."""
+    from eve_vlm.serve.loading import load_model
 
-    check_eve_folder(model_dir)
-    model = EveForConditionalGeneration.from_pretrained(model_dir).eval()
-    return model, EveProcessor.from_pretrained(model_dir)
+    return load_model(model_dir, dtype, device)
+
+
+def load_base(path: str, like) -> tuple:
+    """The base causal LM in `path` (eval mode) on the device and at the dtype of the model `like`, so the
+    language scores compare like with like; returns it and its description."""
+    from transformers import AutoModelForCausalLM
+
+    from eve_vlm.device import placement_like
+
+    base = AutoModelForCausalLM.from_pretrained(path, **placement_like(like)).eval()
+    return base, f"{path} (AutoModelForCausalLM)"
+
+
+def _load(args: argparse.Namespace):
+    return load_model_and_processor(args.model, args.device, args.dtype)
 
 
 def _write_json(data: dict, path: str) -> None:
@@ -62,12 +75,7 @@ def _run_language(args, model, processor, out_dir: str | None) -> dict:
         raise DataError("Nothing to evaluate: give --text FILE and/or --mc FILE.")
     texts = [t for path in args.text or [] for t in load_texts(path)]
     mc = {os.path.splitext(os.path.basename(p))[0]: load_mc_items(p) for p in args.mc or []}
-    base, base_name = None, None
-    if args.base:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(args.base).eval()
-        base_name = f"{args.base} (AutoModelForCausalLM)"
+    base, base_name = load_base(args.base, model) if args.base else (None, None)
     result = evaluate_language(
         model,
         processor.text_tokenizer,
@@ -104,17 +112,17 @@ def _run_routing(args, model, processor, out_dir: str) -> tuple[dict, list[str]]
 
 
 def _vqa(args: argparse.Namespace) -> None:
-    model, processor = load_model_and_processor(args.model)
+    model, processor = _load(args)
     print(json.dumps(_run_vqa(args, model, processor, args.out), indent=2))
 
 
 def _language(args: argparse.Namespace) -> None:
-    model, processor = load_model_and_processor(args.model)
+    model, processor = _load(args)
     print(json.dumps(_run_language(args, model, processor, args.out), indent=2))
 
 
 def _routing(args: argparse.Namespace) -> None:
-    model, processor = load_model_and_processor(args.model)
+    model, processor = _load(args)
     result, plots = _run_routing(args, model, processor, args.out)
     print(json.dumps({"policies": list(result["policies"]), "plots": plots, "out": args.out}, indent=2))
 
@@ -122,7 +130,7 @@ def _routing(args: argparse.Namespace) -> None:
 def _all(args: argparse.Namespace) -> None:
     from eve_vlm.eval.report import write_report
 
-    model, processor = load_model_and_processor(args.model)
+    model, processor = _load(args)
     name = args.name or os.path.basename(os.path.normpath(args.model))
     args.data = args.vqa
     metrics = {"vqa": _run_vqa(args, model, processor, args.out)}
@@ -143,13 +151,8 @@ def _bench(args: argparse.Namespace) -> None:
     require_dir(
         args.data_root, "the benchmarks in LLaVA's playground/data/eval layout (gqa/, scienceqa/, ...)"
     )
-    model, processor = load_model_and_processor(args.model)
-    base, base_name = None, None
-    if args.base:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(args.base).eval()
-        base_name = f"{args.base} (AutoModelForCausalLM)"
+    model, processor = _load(args)
+    base, base_name = load_base(args.base, model) if args.base else (None, None)
     report = run_bench(
         paper_suite(),
         model,
@@ -190,6 +193,7 @@ def _add_bench_parsers(sub) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(p)
     p.set_defaults(func=_bench)
     p = sub.add_parser("score", help="score a LLaVA answers file of one benchmark (no model loaded)")
     p.add_argument("--bench", required=True, help="gqa, sqa_img, textvqa, pope, mme or mmbench")
@@ -210,6 +214,7 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, out_default: str |
     p.add_argument("--out", default=out_default, help="output folder")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(p)
 
 
 def _vqa_options(p: argparse.ArgumentParser) -> None:
@@ -278,6 +283,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in the report (default: the folder name)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(p)
     _vqa_options(p)
     _language_options(p, batch=False)
     _routing_options(p)

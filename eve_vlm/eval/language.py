@@ -54,7 +54,8 @@ MC_TARGET_DELIMITER = " "
 
 
 def load_recorded_base(model: nn.Module) -> tuple[nn.Module, str]:
-    """The base LLM recorded in an Eve model's config at stage 1, loaded after checking its weights' sha256.
+    """The base LLM recorded in an Eve model's config at stage 1, loaded after checking its weights' sha256, on
+    the model's device and at its dtype.
 
     Returns:
         `(base causal LM in eval mode, its description)`.
@@ -66,6 +67,7 @@ def load_recorded_base(model: nn.Module) -> tuple[nn.Module, str]:
     from transformers import AutoModelForCausalLM
 
     from eve_vlm.assets import weights_sha256
+    from eve_vlm.device import placement_like
 
     recorded = getattr(getattr(model, "config", None), "base_language_model", None)
     if not recorded:
@@ -83,7 +85,8 @@ def load_recorded_base(model: nn.Module) -> tuple[nn.Module, str]:
             f"The weights in {path} changed since stage 1 recorded them (sha256 differs), so it is not the base "
             "this model was built from; pass the right folder with --base DIR."
         )
-    return AutoModelForCausalLM.from_pretrained(path).eval(), f"{path} (recorded at stage 1)"
+    base = AutoModelForCausalLM.from_pretrained(path, **placement_like(model)).eval()
+    return base, f"{path} (recorded at stage 1)"
 
 
 def load_texts(path: str | os.PathLike) -> list[str]:

@@ -1,11 +1,12 @@
 """Elastic Vision FFN (EVF): the decoder FFN turned into a small mixture of experts for image tokens.
 
 Expert 0 is the language model's own FFN (the same module object, frozen); experts 1..E-1 are trainable vision
-FFNs, by default copies of it. A router `Linear(D, E, bias=False)`, computed in fp32, scores every token; the
-experts are chosen by top-k (`allocation.assign_experts`), a token-allocation policy (`allocation.py`) decides
-which assignments an over-full expert keeps, and the kept ones are dispatched by gathers on the token
-dimension (one `index_select` grouping the tokens by expert, one with the inverse permutation back), so the
-cost is linear in the number of tokens; dropped tokens get 0 from the expert branch.
+FFNs, by default copies of it. A router `Linear(D, E, bias=False)` (`Router`: fp32 weights, fp32 logits under
+autocast too) scores every token; the experts are chosen by top-k (`allocation.assign_experts`), a
+token-allocation policy (`allocation.py`) decides which assignments an over-full expert keeps, and the kept
+ones are dispatched by gathers on the token dimension (one `index_select` grouping the tokens by expert, one
+with the inverse permutation back), so the cost is linear in the number of tokens; dropped tokens get 0 from
+the expert branch.
 
 Elastic guarantee: when a batch has no image token, the output is `language_ffn(hidden_states)` itself,
 bit for bit (no router, no weight, no residual mix), so the text path of the language model is unchanged.
@@ -40,11 +41,30 @@ from eve_vlm.errors import ConfigError
 from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert_capacity, get_policy
 from eve_vlm.model.lora import adapters_disabled, lora_layers
 
-__all__ = ["EVFOutput", "ElasticVisionFFN", "RoutingInputs", "RoutingRecorder", "RoutingStats"]
+__all__ = ["EVFOutput", "ElasticVisionFFN", "Router", "RoutingInputs", "RoutingRecorder", "RoutingStats"]
 
 COMBINE_MODES = ("soft", "hard", "straight_through")
 BALANCE_LOSSES = ("switch", "l1", "none")
 ROUTER_INIT_STD = 0.02
+
+
+class Router(nn.Linear):
+    """The EVF router, `Linear(D, E, bias=False)` created in fp32, whose logits are computed in fp32 whatever the
+    input's dtype, under autocast too (autocast would run a linear layer in bf16/fp16, whatever its inputs).
+
+    Being a module call (not a read of `weight`), it goes through the hooks accelerate adds for `device_map`
+    and offloading. `EveForConditionalGeneration._keep_in_fp32_modules_strict` keeps it fp32 on load.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__(hidden_size, num_experts, bias=False, dtype=torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., E) fp32 logits."""
+        if not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
 
 @dataclass
@@ -171,7 +191,7 @@ class ElasticVisionFFN(nn.Module):
             fraction_e|`; `none`. fraction_e = share of tokens whose first choice is e, before capacity.
             Always 0 with `modality` allocation.
         use_residual: DeepSpeed residual MoE: `c0 * moe(x) + c1 * language_ffn(x)` with
-            `c = softmax(coefficient(x))`.
+            `c = softmax(coefficient(x))`; `coefficient` is created in the language FFN's dtype.
         modality_loss_coef: Weight of an auxiliary routing loss in training mode [ours, not the paper's]: the
             mean cross-entropy of the router against the image mask (image tokens -> the vision experts
             together, text tokens -> the language FFN). 0 (default) = the paper's plain router.
@@ -233,8 +253,9 @@ class ElasticVisionFFN(nn.Module):
         first = vision_ffn if vision_ffn is not None else copy.deepcopy(language_ffn)
         vision = [first] + [copy.deepcopy(first) for _ in range(num_experts - 2)]
         self.vision_ffns = nn.ModuleList(ffn.requires_grad_(True) for ffn in vision)
-        self.router = nn.Linear(hidden_size, num_experts, bias=False)
-        self.coefficient = nn.Linear(hidden_size, 2) if use_residual else None
+        self.router = Router(hidden_size, num_experts)
+        ffn_dtype = next(language_ffn.parameters()).dtype
+        self.coefficient = nn.Linear(hidden_size, 2, dtype=ffn_dtype) if use_residual else None
         self._bound: tuple[RoutingInputs, int] | None = None
         self.reset_parameters()
 
@@ -338,8 +359,10 @@ class ElasticVisionFFN(nn.Module):
         Returns:
             `EVFOutput`; for sequences without an image, `language_ffn(hidden_states)` exactly.
         """
-        if has_image is None:
-            has_image = image_mask.any(dim=1)
+        device = hidden_states.device  # the masks come from the embedding's device under a device map
+        image_mask = image_mask.to(device)
+        has_image = image_mask.any(dim=1) if has_image is None else has_image.to(device)
+        token_mask = None if token_mask is None else token_mask.to(device)
         if not bool(has_image.any()):
             if not with_stats:
                 return EVFOutput(self.language_output(hidden_states), self._zero(hidden_states), None)
@@ -388,7 +411,7 @@ class ElasticVisionFFN(nn.Module):
         When the capacity is at least the number of assignments no expert can be over it, so the policy is
         not run and every assignment is kept (what any policy would keep): the eval-mode case with two
         experts, and every decoding step."""
-        logits = F.linear(x.float(), self.router.weight.float())  # (S, E) fp32
+        logits = self.router(x)  # (S, E) fp32
         probs = logits.softmax(dim=-1)
         expert_idx, weights = assign_experts(probs, mask, top_k=self.top_k, allocation=self.allocation)
         capacity = self._capacity(expert_idx.numel())

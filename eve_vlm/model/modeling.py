@@ -81,7 +81,7 @@ def merge_image_features(
             "image and let EveProcessor expand it."
         )
     mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
-    return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+    return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
 
 class EvePreTrainedModel(PreTrainedModel):
@@ -91,8 +91,15 @@ class EvePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Eve adds no attention of its own: these say only that the choice may be passed on to the LM and the
+    # tower, which check their own support (`from_pretrained(attn_implementation=...)`).
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # EVF routers load in fp32 whatever dtype the rest loads in (`Router` computes in fp32).
+    _keep_in_fp32_modules = ["mlp.router"]
+    _keep_in_fp32_modules_strict = ["mlp.router"]
     # The loss adds the EVF balance loss per micro-batch, so the Trainer must not expect a token-count-normalised
     # loss (it divides by the gradient-accumulation steps instead).
     accepts_loss_kwargs = False
@@ -357,8 +364,13 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         if recorder is None:
             return zero, None, None
         outputs = dict(sorted(recorder.outputs.items()))
-        aux = sum((o.aux_loss.float() for o in outputs.values()), zero)
-        router = [o.router_loss.float() for o in outputs.values() if o.router_loss is not None]
+        # Each layer's losses live on its own device when a device map spreads the layers.
+        aux = sum((o.aux_loss.to(zero.device, torch.float32) for o in outputs.values()), zero)
+        router = [
+            o.router_loss.to(zero.device, torch.float32)
+            for o in outputs.values()
+            if o.router_loss is not None
+        ]
         return aux, {i: o.stats for i, o in outputs.items()}, sum(router, zero) if router else None
 
     # --- loading ----------------------------------------------------------------------------------------------

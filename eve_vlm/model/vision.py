@@ -52,6 +52,8 @@ class EveVisionEncoder(nn.Module):
             list(feature_layer) if isinstance(feature_layer, (list, tuple)) else [feature_layer]
         )
         self.feature_norm = feature_norm
+        # The tower's unsplittable layers, for the Eve model's `post_init` to collect (it reads its children's).
+        self._no_split_modules = set(getattr(tower, "_no_split_modules", None) or ())
         # CLIP and SigLIP need position interpolation when run at another size than they were built for.
         native = getattr(tower.config, "image_size", image_size)
         self.interpolate = native != image_size and tower.config.model_type != "dinov2"
@@ -96,8 +98,9 @@ class EveVisionEncoder(nn.Module):
                 f"(image_size={self.image_size})."
             )
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate else {}
-        dtype = next(self.tower.parameters()).dtype
-        out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **kwargs)
+        first = next(self.tower.parameters())
+        pixel_values = pixel_values.to(first.device, first.dtype)
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
         pieces = []
         for layer in self.feature_layers:
             hidden = out.hidden_states[layer]  # (N, prefix + P, Dv)

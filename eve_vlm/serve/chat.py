@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from eve_vlm.device import add_device_arguments
 from eve_vlm.errors import ConfigError, DataError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 
@@ -45,7 +46,7 @@ def answer(
 ) -> str:
     """Greedy answer to one question."""
     prompt = build_prompt(processor, question, image is not None, system)
-    inputs = processor(prompt, images=[image] if image is not None else None)
+    inputs = processor(prompt, images=[image] if image is not None else None).to(model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
@@ -65,7 +66,7 @@ def add_chat_parser(subparsers) -> None:
         help="interactive form: 0 = greedy (default) to 2; the one-shot form is greedy",
     )
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16 (not with --url)")
+    add_device_arguments(p, suffix=" (not with --url)")
     p.add_argument("--threads", type=int, help="torch CPU threads (not with --url)")
     p.set_defaults(func=_run)
 
@@ -87,7 +88,7 @@ def check_options(args, question: str | None) -> None:
             "--image is for the one-shot form (with a question); in the session use /image PATH."
         )
     if args.url is not None:
-        given = [name for name in ("dtype", "threads") if getattr(args, name) is not None]
+        given = [name for name in ("device", "dtype", "threads") if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"--{given[0]} does not apply with --url: the server loaded the model.")
 
@@ -107,7 +108,7 @@ def _run(args) -> None:
         from eve_vlm.serve.loading import load_model, set_threads
 
         set_threads(args.threads)
-        model, processor = load_model(model_dir, args.dtype or "float32")
+        model, processor = load_model(model_dir, args.dtype, args.device)
         image = load_image(args.image) if args.image else None
         print(answer(model, processor, question, image, args.max_new_tokens, args.system))
         return
@@ -119,7 +120,7 @@ def _run(args) -> None:
     if args.url is not None:
         backend = RemoteBackend(args.url)
     else:
-        backend = LocalBackend.load(model_dir, args.dtype or "float32", args.threads)
+        backend = LocalBackend.load(model_dir, args.dtype, args.device, args.threads)
     options = {"max_tokens": args.max_new_tokens, "temperature": args.temperature or 0.0}
     with backend:
         ChatSession(backend, options, args.system).run()

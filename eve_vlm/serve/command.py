@@ -6,6 +6,7 @@ from __future__ import annotations
 from importlib import import_module
 from pathlib import Path
 
+from eve_vlm.device import add_device_arguments
 from eve_vlm.errors import MissingDependencyError
 
 SERVE_EXTRA = ("pydantic", "fastapi", "uvicorn")
@@ -29,7 +30,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("model_dir", help="model folder (e.g. runs/quickstart/stage3)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
     p.add_argument(
@@ -62,7 +63,7 @@ def _run(args) -> None:
     for option in ("max_images", "default_max_tokens"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1.")
-    model, processor = load_model(args.model_dir, args.dtype)
+    model, processor = load_model(args.model_dir, args.dtype, args.device)
     limits = PromptLimits(
         max_images=args.max_images,
         context=int(model.config.text_config.max_position_embeddings),

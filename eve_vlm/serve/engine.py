@@ -412,8 +412,9 @@ class Engine:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         width = max(len(r.input_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        device = self.model.device
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
         for row, request in enumerate(batch):
             n = len(request.input_ids)
             input_ids[row, width - n :] = torch.tensor(request.input_ids)
@@ -438,7 +439,7 @@ class Engine:
                 self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    pixel_values=torch.cat(pixels).to(self.model.dtype) if pixels else None,
+                    pixel_values=torch.cat(pixels).to(device, self.model.dtype) if pixels else None,
                     generation_config=generation,
                     stopping_criteria=StoppingCriteriaList([tracker]),
                 )

@@ -1,15 +1,14 @@
-"""Loading a saved Eve model for serving and chat: the model in eval mode at a chosen dtype, its processor,
-and the CPU thread count."""
+"""Loading a saved Eve model for serving, chat and evaluation: the model in eval mode on a chosen device at a
+chosen dtype (see `eve_vlm/device.py`), its processor, and the CPU thread count."""
 
 from __future__ import annotations
 
 import torch
 
+from eve_vlm.device import device_map, torch_dtype
 from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.folder import check_eve_folder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def set_threads(threads: int | None) -> None:
@@ -21,14 +20,21 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def load_model(model_dir: str, dtype: str = "float32") -> tuple[EveForConditionalGeneration, EveProcessor]:
+def load_model(
+    model_dir: str, dtype: str | None = None, device: str | None = None
+) -> tuple[EveForConditionalGeneration, EveProcessor]:
     """The model (eval mode) and processor saved in `model_dir`.
 
+    Args:
+        dtype: `float32` (None), `bfloat16` or `float16`; the EVF routers stay fp32.
+        device: A torch device (`cpu`, `cuda:1`, ...) to load on, `auto` to spread the model over the GPUs
+            (`device_map="auto"`), or None for `cuda` when a GPU is visible, else `cpu`.
+
     Raises:
-        ConfigError: Unknown dtype. `check_eve_folder`'s errors for a folder that is not an Eve model.
+        ConfigError: Unknown dtype, or a device this machine lacks. `check_eve_folder`'s errors for a folder
+            that is not an Eve model.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    torch_type, where = torch_dtype(dtype), device_map(device)
     check_eve_folder(model_dir)
-    model = EveForConditionalGeneration.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
-    return model, EveProcessor.from_pretrained(model_dir)
+    model = EveForConditionalGeneration.from_pretrained(model_dir, dtype=torch_type, device_map=where)
+    return model.eval(), EveProcessor.from_pretrained(model_dir)

@@ -37,11 +37,13 @@ class LocalBackend:
         self.engine = Engine(model, processor.tokenizer, EngineConfig(max_batch_size=1, batch_wait_ms=0))
 
     @classmethod
-    def load(cls, model_dir: str, dtype: str = "float32", threads: int | None = None) -> LocalBackend:
+    def load(
+        cls, model_dir: str, dtype: str | None = None, device: str | None = None, threads: int | None = None
+    ) -> LocalBackend:
         from eve_vlm.serve.loading import load_model, set_threads
 
         set_threads(threads)
-        return cls(*load_model(model_dir, dtype))
+        return cls(*load_model(model_dir, dtype, device))
 
     def __enter__(self):
         self.engine.start()

@@ -25,6 +25,7 @@ from eve_vlm.model.configuration import PLACEMENTS, EvfConfig
 from eve_vlm.model.processing import IMAGE_ASPECT_RATIOS
 
 STAGES = (1, 2, 3)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 ROUTER_INITS = ("random", "modality")
 TRAINING_ONLY = (
     "placement",
@@ -55,7 +56,13 @@ class ModelSpec:
             centre crop) or `pad` (padded to a square with the processor's mean colour first, LLaVA-1.5's
             `image_aspect_ratio: pad`); saved with the processor. Unset: the previous stage's, `resize` at
             stage 1.
-        dtype: `float32` or `bfloat16` weights.
+        dtype: `float32` or `bfloat16`: the dtype the model is loaded in. With `bfloat16` the frozen weights stay
+            bf16 (half the memory) while the trainable ones are cast to fp32 (so are their optimizer state and
+            the saved trained weights), and the stage needs `training.bf16: true` to compute in bf16.
+        attn_implementation: The attention kernel of the LM and the tower while training (`eager`, `sdpa`,
+            `flash_attention_2`, `flash_attention_3`, `flex_attention`); unset: transformers' default (sdpa
+            where the model supports it). Not saved with the model: `from_pretrained(attn_implementation=...)`
+            chooses it when loading.
     """
 
     init_from: str | None = None
@@ -68,6 +75,7 @@ class ModelSpec:
     vision_feature_norm: bool = False
     image_aspect_ratio: str | None = None
     dtype: str = "float32"
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.init_from is None and (self.language_model is None or self.vision_tower is None):
@@ -80,6 +88,11 @@ class ModelSpec:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype={self.dtype!r}: use float32 or bfloat16.")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ConfigError(
+                f"model.attn_implementation={self.attn_implementation!r}: use one of "
+                f"{', '.join(ATTN_IMPLEMENTATIONS)} (or leave it unset)."
+            )
 
 
 @dataclass
@@ -250,7 +263,7 @@ class TrainingSpec:
         save_steps: Checkpoint every N steps (0: only at the end).
         save_total_limit: Checkpoints kept.
         seed: Random seed.
-        bf16: Mixed precision in bfloat16.
+        bf16: Mixed precision: compute under bfloat16 autocast; the trainable weights stay fp32.
         gradient_checkpointing: Recompute activations in backward.
         report_to: `none`, `tensorboard`, ...
         dataloader_num_workers: Data-loading worker processes.
@@ -302,6 +315,11 @@ class Recipe:
             raise ConfigError(f"evf is a stage-3 section, but stage={self.stage}.")
         if self.lora is not None and self.stage == 1:
             raise ConfigError("lora is a stage-2 section; stage 1 trains the projector only.")
+        if self.model.dtype == "bfloat16" and not self.training.bf16:
+            raise ConfigError(
+                "model.dtype=bfloat16 keeps the frozen weights in bf16 and trains fp32 copies of the trainable "
+                "ones, which needs bf16 compute: set training.bf16: true (or model.dtype: float32)."
+            )
 
 
 def _unwrap_optional(tp):

@@ -40,11 +40,13 @@ from eve_vlm.model.decoder_layer import check_family_convertible
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.tower import load_vision_tower, read_tower_config
 from eve_vlm.train.recipe import Recipe
-from eve_vlm.train.trainable import apply_trainable_rules
+from eve_vlm.train.trainable import apply_trainable_rules, trainable_to_fp32
 from eve_vlm.train.trainer import EveTrainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DONE_MARKER = "eve_training.json"
+# Parameter-name parts that a batch without images never reaches.
+MULTIMODAL_ONLY = ("lora_", ".vision_ffns.", ".router.", ".coefficient.")
 
 
 def expand(path: str) -> str:
@@ -124,6 +126,13 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
         processor = EveProcessor.from_pretrained(source)
         if recipe.model.image_aspect_ratio is not None:
             processor.image_aspect_ratio = recipe.model.image_aspect_ratio
+    if recipe.model.attn_implementation is not None:
+        try:
+            model.set_attn_implementation(recipe.model.attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(
+                f"model.attn_implementation={recipe.model.attn_implementation!r}: {err}"
+            ) from None
     if recipe.lora is not None and model.config.lora is None:
         model.add_lora(**recipe.lora.to_peft())
     if recipe.evf is not None:
@@ -257,7 +266,6 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=recipe.stage == 3,
         save_only_model=False,
         ddp_timeout=t.ddp_timeout,
     )
@@ -291,13 +299,47 @@ def save_stage(model, processor, output_dir: str, summary: dict) -> None:
     os.replace(tmp_summary, out / DONE_MARKER)
 
 
+def on_text_path(name: str) -> bool:
+    """Whether a batch without images reaches the parameter `name` of an Eve model: the language model's own
+    weights do; the tower, the projector, LoRA and EVF parts do not."""
+    return name.startswith("language_model.") and not any(part in name for part in MULTIMODAL_ONLY)
+
+
 def text_path_trains(model: EveForConditionalGeneration) -> bool:
-    """Whether a batch without images reaches any trainable weight (it never reaches LoRA or EVF parts)."""
-    multimodal_only = ("lora_", ".vision_ffns.", ".router.", ".coefficient.")
-    return any(
-        p.requires_grad and not any(part in name for part in multimodal_only)
-        for name, p in model.language_model.named_parameters()
-    )
+    """Whether a batch without images reaches any trainable weight."""
+    return any(p.requires_grad and on_text_path(name) for name, p in model.named_parameters())
+
+
+def may_leave_trainable_unused(model: EveForConditionalGeneration, text_rows: bool) -> bool:
+    """Whether some training step can leave a trainable parameter without a gradient, which DDP must be told
+    (`find_unused_parameters`, else it waits for that gradient and fails on the next step): an EVF part (an
+    expert no token was routed to, a router trained by a loss that may be zero), or, when text-only rows are
+    kept (`text_rows`), any trainable parameter off the text path, since their batches hold no image."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    evf = any(part in name for name in trainable for part in MULTIMODAL_ONLY[1:])
+    return evf or (text_rows and not all(on_text_path(name) for name in trainable))
+
+
+def check_one_process_per_gpu(gpus: int, world_size: str | None) -> None:
+    """Refuses to train with one process on several GPUs, which transformers' Trainer would run with
+    `nn.DataParallel` (one process, a model replica per GPU): slower than DDP, and eve train does not support
+    it (its batches and routing statistics assume one process per device).
+
+    Args:
+        gpus: The CUDA devices torch sees (`torch.cuda.device_count()`).
+        world_size: The `WORLD_SIZE` environment variable, set by `torchrun` and `accelerate launch`; None
+            when the process was started on its own.
+
+    Raises:
+        ConfigError: `gpus > 1` and no launcher started the process; names the `torchrun` command.
+    """
+    if gpus > 1 and world_size is None:
+        raise ConfigError(
+            f"torch sees {gpus} GPUs, but eve train was started as one process, which would drive them all "
+            "with nn.DataParallel (not supported). Start one process per GPU: torchrun --nproc_per_node "
+            f"{gpus} -m eve_vlm.cli train RECIPE (or accelerate launch ... -m eve_vlm.cli train RECIPE), or use "
+            "one GPU: CUDA_VISIBLE_DEVICES=0 eve train RECIPE."
+        )
 
 
 def collator(processor: EveProcessor, config: EveConfig) -> EveCollator:
@@ -336,6 +378,7 @@ def warm_start(recipe: Recipe, model, dataset: CachedDataset, processor: EveProc
 def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     """Runs one stage end to end; returns the summary written next to the model."""
     start = time.time()
+    check_one_process_per_gpu(torch.cuda.device_count(), os.environ.get("WORLD_SIZE"))
     model, processor = build_model(recipe)
     args = training_arguments(recipe)
     # The main process of each node prepares (a node-local cache_dir needs its own copy; on a shared one the
@@ -350,11 +393,15 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         is_main_process=args.local_process_index == 0,
     )
     matches = apply_trainable_rules(model, recipe.trainable, recipe.expect_trainable, log=log)
+    if cast := trainable_to_fp32(model):
+        log(f"trainable parameters: {cast} tensors cast to fp32; the frozen ones stay {recipe.model.dtype}")
     if not text_path_trains(model) and (dropped := dataset.drop_text_only()):
         log(
             f"data: dropped {dropped} text-only rows: without an image the model runs the frozen base path "
             "(LoRA off, language FFNs only), so they would train nothing"
         )
+    text_rows = len(dataset) > sum(dataset.is_image)
+    args.ddp_find_unused_parameters = may_leave_trainable_unused(model, text_rows)  # read by the Trainer
     if (
         recipe.evf is not None
         and recipe.evf.router_init == "modality"

@@ -3,6 +3,9 @@
 Every parameter is frozen, then the parameters whose name matches a rule are unfrozen. Before training the
 table of rules and matched counts is printed; a rule that matches nothing, or matches another count than its
 `expect`, stops the run (as big_vision's `make_mask_trees` and litgpt's pinned trainable counts).
+
+`trainable_to_fp32` then gives the chosen parameters fp32 storage (master weights), whatever dtype the frozen
+rest was loaded in.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from eve_vlm.errors import ConfigError
@@ -71,3 +75,19 @@ def apply_trainable_rules(
             f"{total:,} trainable parameters, but the recipe's expect_trainable is {expect_total:,}."
         )
     return matches
+
+
+def trainable_to_fp32(model: nn.Module) -> int:
+    """Casts every trainable floating-point parameter that is not fp32 to fp32, in place; returns how many.
+
+    The frozen parameters keep their dtype (bf16 saves memory), autocast computes in bf16, and the optimizer
+    creates its state like the parameters, so the weights it updates and its moments are fp32. Kept in bf16,
+    most of them would never move: an Adam step of about the learning rate (2e-5) is below half the spacing
+    between neighbouring bf16 values for any weight with |w| > ~0.005, so the update rounds away.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast

@@ -411,3 +411,27 @@ def test_the_text_path_without_statistics_is_the_language_ffn_bit_for_bit(option
             full.hidden_states,
         )
         assert torch.equal(evf(x), evf.language_ffn(x))  # nothing bound: the language FFN
+
+
+def test_router_logits_are_fp32_in_a_bf16_autocast_training_step():
+    """Under autocast a linear layer runs in bf16 even on fp32 inputs; the router's logits must not."""
+    evf = _evf().train()
+    logits = []
+    evf.router.register_forward_hook(lambda module, args, out: logits.append((args[0], out)))
+    x, mask = _batch(seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = evf.language_ffn(x)  # bf16 hidden states, as a decoder layer under autocast gives
+        out = evf.route(hidden, mask)
+    (out.hidden_states.float().sum() + out.aux_loss).backward()
+    ((tokens, routed),) = logits
+    assert tokens.dtype == torch.bfloat16 and routed.dtype == torch.float32
+    assert torch.equal(routed, tokens.float() @ evf.router.weight.detach().t())
+    assert evf.router.weight.dtype == evf.router.weight.grad.dtype == torch.float32
+
+
+def test_residual_coefficient_follows_the_ffn_dtype():
+    """A bf16 FFN gets a bf16 mixing layer, so the residual mix runs without autocast (the router stays fp32)."""
+    evf = ElasticVisionFFN(language_ffn=_mlp().to(torch.bfloat16), hidden_size=HIDDEN, use_residual=True)
+    assert evf.coefficient.weight.dtype == torch.bfloat16 and evf.router.weight.dtype == torch.float32
+    x, mask = _batch(seed=4)
+    assert evf.route(x.to(torch.bfloat16), mask).hidden_states.dtype == torch.bfloat16

@@ -283,6 +283,77 @@ def test_save_load_round_trip(tmp_path, family, evf):
     assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
 
 
+def test_routers_stay_fp32_when_the_model_loads_in_bf16(tmp_path):
+    """`from_pretrained(dtype=bfloat16)` loads everything in bf16 but the EVF routers
+    (`_keep_in_fp32_modules_strict`); a bf16 model with a residual mix runs without autocast."""
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate", use_residual=True)
+    model.save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    routers = {name for name in dtypes if name.endswith(".mlp.router.weight")}
+    assert len(routers) == 2 and {dtypes[name] for name in routers} == {torch.float32}
+    assert {dtype for name, dtype in dtypes.items() if name not in routers} == {torch.bfloat16}
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, pixel_values=pixels.to(torch.bfloat16)).logits
+    assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
+
+
+def test_device_map_auto_loads_and_no_decoder_or_tower_layer_is_split(tmp_path):
+    """`_no_split_modules` names the converted layer class, the family's own (layers left plain) and the
+    tower's layer class; `from_pretrained(device_map="auto")` loads (here all on the CPU) the same model."""
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate")
+    model.save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path, device_map="auto").eval()
+    assert {"EvfLlamaDecoderLayer", "LlamaDecoderLayer", "Dinov2Layer"} <= set(loaded._no_split_modules)
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=ids, pixel_values=pixels).logits,
+            model.eval()(input_ids=ids, pixel_values=pixels).logits,
+        )
+    generated = loaded.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    expected = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+def test_a_router_offloaded_by_a_device_map_is_run_through_its_module(tmp_path):
+    """With a device map that offloads one router to disk, accelerate's hook on the router module brings its
+    weight in for the call; reading `router.weight` directly would use an empty placeholder."""
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate")
+    model.save_pretrained(tmp_path)
+    layer0 = "language_model.model.layers.0."
+    device_map = {
+        name: "cpu"
+        for name in ["vision_tower", "projector", "language_model.lm_head"]
+        + [f"language_model.model.{n}" for n in ("embed_tokens", "norm", "rotary_emb")]
+        + [f"language_model.model.layers.{i}" for i in (1, 2, 3)]
+        + [layer0 + n for n in ("self_attn", "input_layernorm", "post_attention_layernorm")]
+        + [layer0 + n for n in ("mlp.language_ffn", "mlp.vision_ffns")]
+    }
+    device_map[layer0 + "mlp.router"] = "disk"
+    loaded = EveForConditionalGeneration.from_pretrained(
+        tmp_path, device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=ids, pixel_values=pixels).logits,
+            model.eval()(input_ids=ids, pixel_values=pixels).logits,
+        )
+
+
+@pytest.mark.parametrize("name", ["eager", "flex_attention"])
+def test_attn_implementation_reaches_the_language_model_and_the_tower(tmp_path, name):
+    tiny_model().save_pretrained(tmp_path)
+    loaded = EveForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=name)
+    assert loaded.language_model.config._attn_implementation == name
+    assert loaded.vision_tower.tower.config._attn_implementation == name
+
+
 def test_checkpoint_mismatch_raises(tmp_path):
     plain = tiny_model()
     plain.save_pretrained(tmp_path / "plain")

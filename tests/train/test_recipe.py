@@ -132,3 +132,18 @@ def test_paper_recipe_keeps_the_plain_router_and_the_quickstart_warm_starts_it()
     assert quick.capacity_factor == 2.0  # with 2 experts nothing is dropped in training (see the recipe)
     assert quick.options()["modality_loss_coef"] == 0.1  # the loss is part of the model config
     assert "router_init" not in quick.options()  # training-only keys stay out of the model config
+
+
+def test_bf16_weights_need_bf16_compute(tmp_path):
+    """`model.dtype: bfloat16` keeps frozen weights bf16 and trains fp32 ones, so it needs bf16 autocast."""
+    path = write(tmp_path, minimal())
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 .* set training.bf16: true"):
+        load_recipe(path, ["model.dtype=bfloat16"])
+    assert load_recipe(path, ["model.dtype=bfloat16", "training.bf16=true"]).training.bf16
+
+
+def test_attn_implementation_is_a_checked_model_key(tmp_path):
+    path = write(tmp_path, minimal())
+    assert load_recipe(path, ["model.attn_implementation=eager"]).model.attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="model.attn_implementation='flash': use one of eager, sdpa"):
+        load_recipe(path, ["model.attn_implementation=flash"])

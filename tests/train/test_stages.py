@@ -1,5 +1,6 @@
 """Stages 1 -> 2 -> 3 end to end, in-process, on tiny parts saved to disk and a synthetic colour task."""
 
+import importlib.util
 import json
 import shutil
 
@@ -69,7 +70,7 @@ def parts(tmp_path_factory):
     return root
 
 
-def recipe(parts, tmp_path, stage, evf=None, **training):
+def recipe(parts, tmp_path, stage, evf=None, model=None, **training):
     data = {
         "stage": stage,
         "model": {"init_from": str(tmp_path / f"stage{stage - 1}")}
@@ -107,6 +108,7 @@ def recipe(parts, tmp_path, stage, evf=None, **training):
             **training,
         },
     }
+    data["model"].update(model or {})
     if stage == 2:
         data["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     if stage == 3:
@@ -509,3 +511,150 @@ def test_stage3_on_a_family_without_mlp_is_refused_before_loading_the_model(part
     monkeypatch.setattr(EveForConditionalGeneration, "from_pretrained", no_load)
     with pytest.raises(ConfigError, match=r"evf: .*stage2 cannot take .*OPTDecoderLayer\) has no `mlp`"):
         build_model(recipe(parts, tmp_path, 3))
+
+
+class TrainableWatch(TrainerCallback):
+    """The trainable weights when training starts and ends, and the optimizer's state when it ends."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.frozen_dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+        self.state_dtypes = {
+            value.dtype
+            for per_param in optimizer.state.values()
+            for key, value in per_param.items()
+            if key != "step" and torch.is_tensor(value)
+        }
+
+    def changed_share(self) -> float:
+        changed = sum(int((self.after[n] != w).sum()) for n, w in self.before.items())
+        return changed / sum(w.numel() for w in self.before.values())
+
+
+def test_a_bfloat16_model_trains_fp32_copies_of_its_trainable_weights(parts, tmp_path):
+    """Stages 2 (LoRA) and 3 on a model loaded in bf16 (`model.dtype: bfloat16`, bf16 autocast): at lr 2e-5 an
+    Adam step is far below a bf16 weight's spacing, so only fp32 trainable weights (and fp32 optimizer state)
+    move; the frozen weights stay bf16. (The MLP projector: some of the LDP's squeeze-excite ReLU units get no
+    gradient in this tiny model, so their weights rest at any precision.)"""
+    run_stage(recipe(parts, tmp_path, 1, model={"projector_type": "mlp2x_gelu"}, max_steps=3))
+    for stage in (2, 3):
+        watch = TrainableWatch()
+        bf16 = {"dtype": "bfloat16"}
+        run_stage(
+            recipe(parts, tmp_path, stage, model=bf16, max_steps=5, learning_rate=2e-5, bf16=True),
+            callbacks=[watch],
+        )
+        assert {w.dtype for w in watch.after.values()} == {torch.float32}, stage
+        assert watch.state_dtypes == {torch.float32}, stage
+        assert watch.frozen_dtypes == {torch.bfloat16}, stage
+        assert watch.changed_share() > 0.99, (stage, watch.changed_share())
+
+
+def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tmp_path):
+    """The authors' stage 2 (no LoRA, the full LLM trains) keeps the text-only rows, whose batches give the
+    projector no gradient: DDP must be told (`find_unused_parameters`, decided from the model), or the step
+    after such a batch fails. Two epochs under `torchrun --nproc_per_node 2` (gloo) finish and save."""
+    import os
+    import subprocess
+    import sys
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    full = recipe(parts, tmp_path, 2, max_steps=14, per_device_train_batch_size=4, learning_rate=1e-4)
+    data = yaml.safe_load((tmp_path / "stage2.yaml").read_text())
+    data.pop("lora")
+    data["trainable"] = [{"pattern": r"^projector\."}, {"pattern": r"^language_model\."}]
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(data))
+    del full
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    cmd += ["-m", "eve_vlm.cli", "train", str(tmp_path / "stage2.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dropped" not in proc.stdout and "8 text-only" in proc.stdout
+    summary = json.loads((tmp_path / "stage2" / "eve_training.json").read_text())
+    assert summary["steps"] == 14
+    trained = EveForConditionalGeneration.from_pretrained(tmp_path / "stage2").state_dict()
+    start = EveForConditionalGeneration.from_pretrained(tmp_path / "stage1").state_dict()
+    key = "language_model.model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained[key], start[key])
+
+
+def test_ddp_unused_parameters_are_decided_from_the_model():
+    """DDP's `find_unused_parameters` follows what a step can leave without a gradient, not the stage."""
+    from conftest import tiny_model
+
+    from eve_vlm.train.stages import may_leave_trainable_unused
+
+    def trainable(model, *parts):
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(part in name for part in parts))
+        return model
+
+    model = tiny_model()
+    assert not may_leave_trainable_unused(trainable(model, "language_model."), text_rows=True)
+    model.add_lora(r=2, lora_alpha=4, target_modules=["q_proj"])
+    lora = trainable(model, "projector.", "lora_")
+    assert not may_leave_trainable_unused(lora, text_rows=False)  # stage 2 with LoRA: text rows dropped
+    full = trainable(model, "projector.", "language_model.")
+    assert may_leave_trainable_unused(full, text_rows=True)  # a text batch leaves the projector out
+    assert not may_leave_trainable_unused(full, text_rows=False)
+    assert may_leave_trainable_unused(trainable(model, "language_model."), text_rows=True)  # LoRA included
+    model.add_elastic_vision_ffns("alternate")
+    assert may_leave_trainable_unused(trainable(model, ".router.", ".vision_ffns."), text_rows=False)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "world_size", "refused"),
+    [(0, None, False), (1, None, False), (2, "2", False), (8, "1", False), (2, None, True), (8, None, True)],
+)
+def test_one_process_on_several_gpus_is_refused_naming_torchrun(gpus, world_size, refused):
+    from eve_vlm.train.stages import check_one_process_per_gpu
+
+    if not refused:
+        check_one_process_per_gpu(gpus, world_size)
+        return
+    with pytest.raises(ConfigError, match=rf"nn.DataParallel .* torchrun --nproc_per_node {gpus} -m eve_vlm"):
+        check_one_process_per_gpu(gpus, world_size)
+
+
+def test_a_saved_model_runs_on_a_chosen_device_and_dtype(parts, tmp_path, capsys):
+    """`eve chat` and `eve eval vqa` take `--device` and `--dtype`: a stage-3 model answers in bf16 on the CPU
+    (its routers stay fp32); a device this machine lacks, or a bad name, exits 2 with a message."""
+    from eve_vlm.cli import main
+    from eve_vlm.serve.loading import load_model
+
+    run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
+    run_stage(recipe(parts, tmp_path, 2, max_steps=2), log=lambda line: None)
+    run_stage(recipe(parts, tmp_path, 3, max_steps=2), log=lambda line: None)
+    model_dir, image = str(tmp_path / "stage3"), str(parts / "images" / "0.png")
+    model, _ = load_model(model_dir, "bfloat16", "cpu")
+    assert model.device.type == "cpu" and model.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if ".router." in n} == {torch.float32}
+
+    bf16_cpu = ["--device", "cpu", "--dtype", "bfloat16", "--max-new-tokens", "3"]
+    assert main(["chat", model_dir, "what is the colour", "--image", image, *bf16_cpu]) == 0
+    assert main(["chat", model_dir, "is there a circle", *bf16_cpu]) == 0
+    out = tmp_path / "vqa-eval"
+    args = ["eval", "vqa", "--model", model_dir, "--data", str(parts / "vqa.jsonl"), "--out", str(out)]
+    args += ["--images", str(parts / "images"), "--limit", "6", "--quiet", "--device", "cpu"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "vqa_metrics.json").read_text())["questions"] == 6
+
+    capsys.readouterr()
+    assert main(["chat", model_dir, "hello", "--device", "warp9"]) == 2
+    assert "--device 'warp9' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_the_recipe_chooses_the_attention_implementation(parts, tmp_path):
+    model, _ = build_model(recipe(parts, tmp_path, 1, model={"attn_implementation": "eager"}))
+    assert model.language_model.config._attn_implementation == "eager"
+    assert model.vision_tower.tower.config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match="model.attn_implementation='flash_attention_2': "):
+            build_model(recipe(parts, tmp_path, 1, model={"attn_implementation": "flash_attention_2"}))
