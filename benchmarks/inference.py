@@ -4,8 +4,8 @@ Llava built from the same parts, on CPU.
 Parts: the embedded default's (`eve prepare`): SmolLM2-135M-Instruct and DINOv2-S at 224 px, so 256 image tokens
 per image; an `mlp2x_gelu` projector (random, seeded), LoRA r 16 on q/v/up (as stage 2; its B matrices are
 made non-zero so the adapters really compute), EVF layers on every second decoder layer (stage 3). Every router
-is set to split tokens about half/half between the language and the vision FFN (a fixed random direction,
-scaled), as a trained router splits them, so the dispatch cost is not hidden by a router that sends
+is set to split tokens about half/half between the language and the vision FFN (a random direction orthogonal
+to the mean hidden state of its layer, scaled), as a trained router splits them, so the dispatch cost is not hidden by a router that sends
 everything to one expert. Nothing is dropped: eval mode, `eval_capacity_factor` 2.0 with two experts.
 
 Each line compares two things, A / B, timed interleaved in this process: R rounds of N call pairs, A then B
@@ -15,7 +15,9 @@ are interleaved and never compared across lines.
 
 Lines (`case`):
 - `layer_prefill`: one EVF layer (eval mode, routing statistics not requested, as in inference) on 8 x 304
-  tokens, 256 of each row image tokens; B = the dense FFN (its own language FFN) on the same input.
+  tokens, 256 of each row image tokens; B = the dense FFN (its own language FFN) on the same input. The layer
+  lines use the first EVF layer of a stage-3 model without LoRA (a plain `LlamaMLP` as the dense FFN) and the
+  hidden states that reach it.
 - `layer_decode_image`: one EVF layer, one decoding token of an image request (routed); B = the dense FFN.
 - `layer_decode_text`: one EVF layer, one text-only decoding token (what the model runs: nothing bound, the
   language FFN); B = the dense FFN.
@@ -93,13 +95,28 @@ def paired(a: Callable[[], object], b: Callable[[], object], rounds: int, reps: 
     }
 
 
-def split_routers(model: EveForConditionalGeneration, seed: int = 0) -> None:
-    """Routers that send about half of the tokens to each expert (a random direction, scaled), and vision
-    FFNs that differ from their language FFN copies."""
+def split_routers(model: EveForConditionalGeneration, inputs: dict, seed: int = 0) -> None:
+    """Routers that send about half of the tokens to each expert, and vision FFNs that differ from their
+    language FFN copies. Each router's direction is random but orthogonal to the mean of the hidden states its
+    layer sees on `inputs`, so the sign of the projection splits them about evenly."""
     generator = torch.Generator().manual_seed(seed)
+    means = {}
+
+    def record_mean(i):
+        def hook(module, args):
+            means.setdefault(i, args[0].reshape(-1, args[0].shape[-1]).mean(0))
+
+        return hook
+
+    handles = [evf.register_forward_pre_hook(record_mean(i)) for i, evf in model.evf_layers.items()]
     with torch.no_grad():
-        for evf in model.evf_layers.values():
+        model(**inputs)
+        for handle in handles:
+            handle.remove()
+        for i, evf in model.evf_layers.items():
+            mean = means[i] / means[i].norm()
             direction = torch.randn(evf.hidden_size, generator=generator)
+            direction = direction - (direction @ mean) * mean
             direction = direction / direction.norm() * 20
             evf.router.weight.copy_(torch.stack([-direction, direction]))
             for p in evf.vision_ffns.parameters():
@@ -131,8 +148,17 @@ def build(paths: dict) -> dict:
                 p.normal_(std=0.01)
     stage3 = copy.deepcopy(stage2)
     stage3.add_elastic_vision_ffns("alternate")
-    split_routers(stage3)
-    return {"base": base, "stage1": stage1, "stage2": stage2.eval(), "stage3": stage3.eval(), "tower": tower}
+    split_routers(stage3, image_inputs(config, 8, seed=5))
+    layer_model = copy.deepcopy(stage1)  # no LoRA: the EVF layer against a plain dense FFN
+    layer_model.add_elastic_vision_ffns("alternate")
+    split_routers(layer_model, image_inputs(config, 8, seed=5))
+    return {
+        "base": base,
+        "stage1": stage1,
+        "stage2": stage2.eval(),
+        "stage3": stage3.eval(),
+        "layer_model": layer_model.eval(),
+    }
 
 
 def build_llava(stage1: EveForConditionalGeneration, image_token_id: int):
@@ -179,7 +205,7 @@ def greedy(model, inputs: dict) -> Callable[[], object]:
 def layer_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]:
     from eve_vlm.model.evf import RoutingInputs
 
-    stage3 = models["stage3"]
+    stage3 = models["layer_model"]
     evf = stage3.evf_layers[0]
     dense = evf.language_ffn
     inputs = image_inputs(stage3.config, 8)

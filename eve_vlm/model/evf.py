@@ -297,6 +297,8 @@ class ElasticVisionFFN(nn.Module):
             return self.language_output(hidden_states)
         inputs, layer_idx = bound
         recorder = inputs.recorder
+        if recorder is None and hidden_states.shape[:2] == (1, 1) and inputs.token_mask is None:
+            return self._one_token(hidden_states, inputs)
         out = self.route(
             hidden_states,
             inputs.image_mask,
@@ -308,10 +310,37 @@ class ElasticVisionFFN(nn.Module):
             recorder.record(layer_idx, out)
         return out.hidden_states
 
+    def language_lora_layers(self) -> list:
+        """The LoRA layers of the language FFN, found once (a module walk per call costs ~1 ms per decoding
+        step over 15 EVF layers); `forget_lora_layers` clears it when LoRA is added or merged."""
+        cached = self.__dict__.get("_language_lora_cache")
+        if cached is None:
+            cached = self.__dict__["_language_lora_cache"] = lora_layers(self.language_ffn)
+        return cached
+
+    def forget_lora_layers(self) -> None:
+        """Clears `language_lora_layers` (after LoRA layers were added to or merged out of the language FFN)."""
+        self.__dict__.pop("_language_lora_cache", None)
+
+    def _one_token(self, hidden_states: Tensor, inputs: RoutingInputs) -> Tensor:
+        """A decoding step of one sequence, nothing recorded: what `route` computes for it, without its batch
+        bookkeeping. One token can never exceed a capacity (at least 1 per expert, and its top-k experts are
+        distinct), so no policy runs."""
+        has_image = inputs.image_mask.any() if inputs.has_image is None else inputs.has_image
+        if not bool(has_image):
+            return self.language_output(hidden_states)
+        x = hidden_states[0]  # (1, D)
+        probs = self.router(x).softmax(dim=-1)
+        expert_idx, weights = assign_experts(
+            probs, inputs.image_mask[0], top_k=self.top_k, allocation=self.allocation
+        )
+        out = self._with_residual(x, self._dispatch(x, expert_idx, None, self._combine_weights(weights)))
+        return out.unsqueeze(0)
+
     def language_output(self, hidden_states: Tensor) -> Tensor:
         """`language_ffn(hidden_states)`, the base LLM's FFN: a LoRA adapter on it (stage 2) is off. Nothing
         else is computed."""
-        layers = lora_layers(self.language_ffn)
+        layers = self.language_lora_layers()
         if all(layer.disable_adapters for layer in layers):  # none, or already off (the model's text path)
             return self.language_ffn(hidden_states)
         with adapters_disabled(layers):
@@ -424,11 +453,7 @@ class ElasticVisionFFN(nn.Module):
             keep = self._policy(
                 probs, expert_idx, mask, capacity, sequence_ids=sequence_ids, generator=self._generator
             )
-        out = self._dispatch(x, expert_idx, keep, self._combine_weights(weights))
-        if self.coefficient is not None:
-            coef = self.coefficient(x).softmax(dim=-1)  # (S, 2)
-            dense = self.language_ffn(x.unsqueeze(0)).squeeze(0)
-            out = out * coef[:, :1] + dense * coef[:, 1:]
+        out = self._with_residual(x, self._dispatch(x, expert_idx, keep, self._combine_weights(weights)))
         stats = (
             _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs) if with_stats else None
         )
@@ -437,6 +462,14 @@ class ElasticVisionFFN(nn.Module):
             router_loss = self.modality_loss_coef * modality_routing_loss(logits, mask)
         aux = self._balance_loss(probs, expert_idx) if with_stats or self.training else self._zero(x)
         return out, aux, stats, router_loss
+
+    def _with_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        """Residual MoE (`use_residual`): `c0 * out + c1 * language_ffn(x)`; otherwise `out`."""
+        if self.coefficient is None:
+            return out
+        coef = self.coefficient(x).softmax(dim=-1)  # (S, 2)
+        dense = self.language_ffn(x.unsqueeze(0)).squeeze(0)
+        return out * coef[:, :1] + dense * coef[:, 1:]
 
     @staticmethod
     def _zero(like: Tensor) -> Tensor:
@@ -452,7 +485,7 @@ class ElasticVisionFFN(nn.Module):
             zeros, text, zeros.clone(), text.clone(), num_tokens, torch.zeros((), device=device)
         )
         # The text path is the base LLM's FFN: a LoRA adapter on it (stage 2) is off for these rows.
-        with adapters_disabled(lora_layers(self.language_ffn)):
+        with adapters_disabled(self.language_lora_layers()):
             out = self.language_ffn(hidden_states)
         return EVFOutput(out, torch.zeros((), device=device), stats)
 

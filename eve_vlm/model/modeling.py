@@ -165,7 +165,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         if self.config.lora is not None:
             raise ConfigError("This model already has LoRA adapters.")
         add_lora(self.language_model, options)
-        self.__dict__.pop("_lora_layers_cache", None)
+        self._forget_lora_layers()
         self.config.lora = {k: list(v) if isinstance(v, (set, tuple)) else v for k, v in options.items()}
 
     def merge_lora(self) -> int:
@@ -173,7 +173,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         from eve_vlm.model.lora import merge_lora
 
         merged = merge_lora(self.language_model)
-        self.__dict__.pop("_lora_layers_cache", None)
+        self._forget_lora_layers()
         self.config.lora = None
         return merged
 
@@ -196,7 +196,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             )
         before = set(self.language_model._no_split_modules or ())
         insert_evf_layers(self.language_model, evf)
-        self.__dict__.pop("_lora_layers_cache", None)
+        self._forget_lora_layers()
         # As `post_init` would collect them now: the `Evf<...>` layer classes in, a class no layer has left out.
         own = set(self._no_split_modules or ()) - before
         self._no_split_modules = own | self.language_model._no_split_modules
@@ -335,6 +335,12 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 "gradient_checkpointing off."
             )
         return adapters_per_row(outside_evf, has_image)
+
+    def _forget_lora_layers(self) -> None:
+        """Clears the LoRA layer lists of the model and of its EVF layers (see `_lora_layers`)."""
+        self.__dict__.pop("_lora_layers_cache", None)
+        for evf in self.evf_layers.values():
+            evf.forget_lora_layers()
 
     def _lora_layers(self) -> tuple[list, list]:
         """The language model's LoRA layers, all and those outside EVF modules, found once per structure:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from eve_vlm.errors import ConfigError
-from eve_vlm.model.evf import ElasticVisionFFN
+from eve_vlm.model.evf import ElasticVisionFFN, RoutingInputs
 
 HIDDEN = 16
 
@@ -391,6 +391,10 @@ def test_decoding_one_token_equals_that_token_routed_in_a_batch(allocation, opti
             one = evf.route(x[row : row + 1], mask[row : row + 1], has_image[:1], with_stats=False)
             torch.testing.assert_close(one.hidden_states, batched[row : row + 1])
             assert one.stats is None
+            with evf.bind(RoutingInputs(mask[row : row + 1], has_image[:1]), 0):  # as a decoding step calls it
+                torch.testing.assert_close(evf(x[row : row + 1]), batched[row : row + 1])
+            with evf.bind(RoutingInputs(mask[row : row + 1], ~has_image[:1]), 0):  # a text-only request
+                assert torch.equal(evf(x[row : row + 1]), evf.language_ffn(x[row : row + 1]))
 
 
 @pytest.mark.parametrize("options", ROUTING_OPTIONS)
