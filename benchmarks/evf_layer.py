@@ -469,6 +469,13 @@ def measure(layers: list[str], tokens: int, mode: str, repeats: int, warmup: int
             continue
         memory = memory[0]
         record = {"layer": layer, "impl": memory["impl"], "tokens": tokens, "mode": mode}
+        # What `mode` means for the module: `fwd` is inference (eval mode, the eval capacity factor: with two
+        # experts nothing is dropped), `fwd_bwd` is training (train mode, the training capacity factor drops).
+        train = mode == "fwd_bwd"
+        record |= {
+            "module_mode": "train" if train else "eval",
+            "capacity_factor": CAPACITY_FACTOR if train else EVAL_CAPACITY_FACTOR,
+        }
         record |= {k: time_rec[k] for k in ("ms", "ms_min", "ms_max")} | {"peak_mb": memory["peak_mb"]}
         record |= {
             "threads": torch.get_num_threads(),
