@@ -21,6 +21,10 @@ Lines (`case`):
 - `layer_decode_image`: one EVF layer, one decoding token of an image request (routed); B = the dense FFN.
 - `layer_decode_text`: one EVF layer, one text-only decoding token (what the model runs: nothing bound, the
   language FFN); B = the dense FFN.
+- `model_image_decode_step`, `model_text_decode_step`: one KV-cache decoding step (the cache cut back after
+  each) of an image request, stage-3 model against the same model without EVF layers, and of a text-only
+  request, stage-3 model against the base LLM: the per-token cost the generation lines below average with
+  their prefill, measured on many more calls.
 - `model_image_generation`: stage-3 model, greedy generation of 32 tokens for one image request; B = the same
   model without EVF layers (stage 2: the same weights).
 - `model_prefill`: stage-3 model, one forward of 8 image requests x 304 tokens; B = the same model without EVF.
@@ -261,7 +265,33 @@ def model_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]
     def forward(model, inputs):
         return lambda: model(**inputs)
 
+    def decode_step(model, inputs, **extra):
+        """One KV-cache decoding step after `inputs`' prompt; the cache is cut back after each step."""
+        cache = model(**inputs, use_cache=True).past_key_values
+        token = torch.full((1, 1), 1000)
+        mask = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
+
+        def step():
+            model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+            cache.crop(-1)
+
+        return step
+
+    image_step = {"has_image": torch.tensor([True])}
+    text_step = {"has_image": torch.tensor([False])}
     return [
+        (
+            "model_image_decode_step",
+            decode_step(stage3, one, **image_step),
+            decode_step(stage2, one, **image_step),
+            args.reps_decode_step,
+        ),
+        (
+            "model_text_decode_step",
+            decode_step(stage3, text, **text_step),
+            decode_step(base, text),
+            args.reps_decode_step,
+        ),
         ("model_image_generation", greedy(stage3, one), greedy(stage2, one), 1),
         ("model_prefill", forward(stage3, eight), forward(stage2, eight), 1),
         ("model_text_generation", greedy(stage3, text), greedy(base, text), 1),
@@ -334,6 +364,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--reps-prefill-layer", type=int, default=5)
     parser.add_argument("--reps-decode-layer", type=int, default=300)
+    parser.add_argument("--reps-decode-step", type=int, default=20)
     parser.add_argument(
         "--group",
         action="append",
