@@ -24,7 +24,10 @@ Lines (`case`):
 - `model_image_decode_step`, `model_text_decode_step`: one KV-cache decoding step (the cache cut back after
   each) of an image request, stage-3 model against the same model without EVF layers, and of a text-only
   request, stage-3 model against the base LLM: the per-token cost the generation lines below average with
-  their prefill, measured on many more calls.
+  their prefill, measured on many more calls. `model_text_decode_step_no_lora`: the same text-only step of a
+  stage-3 model without LoRA (EVF layers only) against the base LLM, which separates the EVF layers' share of
+  the text path's cost from that of peft's LoRA wrappers (each LoRA layer stays a module call when its
+  adapter is off).
 - `model_image_generation`: stage-3 model, greedy generation of 32 tokens for one image request; B = the same
   model without EVF layers (stage 2: the same weights).
 - `model_prefill`: stage-3 model, one forward of 8 image requests x 304 tokens; B = the same model without EVF.
@@ -255,6 +258,7 @@ def layer_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]
 
 def model_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]:
     stage2, stage3, base = models["stage2"], models["stage3"], models["base"]
+    no_lora = models["layer_model"]
     one = image_inputs(stage3.config, 1, seed=1)
     eight = image_inputs(stage3.config, 8, seed=2)
     text = {
@@ -289,6 +293,12 @@ def model_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]
         (
             "model_text_decode_step",
             decode_step(stage3, text, **text_step),
+            decode_step(base, text),
+            args.reps_decode_step,
+        ),
+        (
+            "model_text_decode_step_no_lora",
+            decode_step(no_lora, text, **text_step),
             decode_step(base, text),
             args.reps_decode_step,
         ),
