@@ -358,8 +358,12 @@ class ElasticVisionFFN(nn.Module):
     def language_output(self, hidden_states: Tensor) -> Tensor:
         """`language_ffn(hidden_states)`, the base LLM's FFN: a LoRA adapter on it (stage 2) is off. Nothing
         else is computed."""
-        layers = self.language_lora_layers()
-        if all(layer.disable_adapters for layer in layers):  # none, or already off (the model's text path)
+        layers = self.__dict__.get("_language_lora_cache")
+        if layers is None:
+            layers = self.language_lora_layers()
+        if not layers or all(
+            layer.disable_adapters for layer in layers
+        ):  # none, or off (the model's text path)
             return self.language_ffn(hidden_states)
         with adapters_disabled(layers):
             return self.language_ffn(hidden_states)
@@ -536,6 +540,8 @@ class ElasticVisionFFN(nn.Module):
         if num_tokens == 1 and top_k == 1 and keep is None:
             expert = self.experts[int(expert_idx)]
             return expert(x.unsqueeze(0)).squeeze(0) * weights.to(x.dtype)
+        if keep is None and top_k == 1:
+            return self._dispatch_all_kept(x, expert_idx[:, 0], weights[:, 0])
         bucket = expert_idx if keep is None else torch.where(keep, expert_idx, self.num_experts)
         bucket = bucket.reshape(-1)  # (S*K,), dropped -> E
         order = torch.argsort(bucket, stable=True)
@@ -556,6 +562,19 @@ class ElasticVisionFFN(nn.Module):
         position[kept] = torch.arange(num_kept, device=order.device)  # (S*K,) row of each assignment
         out = torch.cat(pieces).index_select(0, position)  # (S*K, D)
         return out if top_k == 1 else out.view(num_tokens, top_k, -1).sum(dim=1)
+
+    def _dispatch_all_kept(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """`_dispatch` for top-1 routing with nothing dropped (eval mode): every token has exactly one expert,
+        so each expert's weighted output is copied straight to its tokens' rows (one sort and one count, no
+        concatenation, no gather back). The experts see the same token groups, in the same order."""
+        order = torch.argsort(chosen, stable=True)
+        counts = torch.bincount(chosen, minlength=self.num_experts).tolist()  # the one host sync
+        out = torch.empty_like(x)
+        for expert, rows in zip(self.experts, order.split(counts), strict=True):
+            if len(rows):
+                ws = weights.index_select(0, rows).to(x.dtype)[:, None]
+                out.index_copy_(0, rows, expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0) * ws)
+        return out
 
     def _balance_loss(self, probs: Tensor, expert_idx: Tensor) -> Tensor:
         if self.balance_loss == "none" or self.allocation == "modality":
