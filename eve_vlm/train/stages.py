@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from eve_vlm.assets import eve_home, weights_sha256
 from eve_vlm.data.cache import CachedDataset, PreparedData, prepare_cache
@@ -282,18 +282,34 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
-def save_stage(model, processor, output_dir: str, summary: dict) -> None:
-    """Writes the final model, processor and a summary; files land by rename, the summary last."""
+def save_stage(trainer: EveTrainer, processor, output_dir: str, summary: dict) -> None:
+    """Writes the final model, processor and a summary; files land by rename, the summary last. Every process
+    calls it: the weights go through the Trainer's `save_model`, which gathers them where FSDP or DeepSpeed
+    ZeRO-3 shard them over the processes (a collective) and writes them from the main process only."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        for item in Path(tmp).iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+    tmp = out / ".final"
+    main = trainer.is_world_process_zero()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if not main:
+        return
+    if not any(tmp.glob("*.safetensors")):
+        raise CheckpointError(
+            f"No weights were written to {out}: under FSDP the final model is saved from a full state dict; set "
+            "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (the checkpoints of this run, "
+            "if any, are in its checkpoint-* folders)"
+        )
+    (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the run's arguments are in the summary
+    processor.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
     tmp_summary = out / f".{DONE_MARKER}.tmp"
     tmp_summary.write_text(json.dumps(summary, indent=2))
     os.replace(tmp_summary, out / DONE_MARKER)
@@ -436,8 +452,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         "loss_history": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
         "recipe": asdict(recipe),
     }
-    if trainer.is_world_process_zero():
-        save_stage(model, processor, args.output_dir, summary)
+    save_stage(trainer, processor, args.output_dir, summary)
     if bad_images:
         log(
             f"skipped {bad_images} row(s) whose image failed to load during training (see the warnings above)"

@@ -553,10 +553,28 @@ def test_a_bfloat16_model_trains_fp32_copies_of_its_trainable_weights(parts, tmp
         assert watch.changed_share() > 0.99, (stage, watch.changed_share())
 
 
+FINAL_STATE_SCRIPT = """
+import os, sys, torch
+from transformers import TrainerCallback
+from eve_vlm.train.recipe import load_recipe
+from eve_vlm.train.stages import run_stage
+
+
+class FinalState(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(weights, f"{sys.argv[2]}-rank{os.environ['RANK']}.pt")
+
+
+run_stage(load_recipe(sys.argv[1]), callbacks=[FinalState()])
+"""
+
+
 def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tmp_path):
     """The authors' stage 2 (no LoRA, the full LLM trains) keeps the text-only rows, whose batches give the
     projector no gradient: DDP must be told (`find_unused_parameters`, decided from the model), or the step
-    after such a batch fails. Two epochs under `torchrun --nproc_per_node 2` (gloo) finish and save."""
+    after such a batch fails. Two epochs under `torchrun --nproc_per_node 2` (gloo) finish and save weights that
+    reload with `from_pretrained` equal to every rank's final state."""
     import os
     import subprocess
     import sys
@@ -568,8 +586,10 @@ def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tm
     data["trainable"] = [{"pattern": r"^projector\."}, {"pattern": r"^language_model\."}]
     (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(data))
     del full
+    script = tmp_path / "final_state.py"
+    script.write_text(FINAL_STATE_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
-    cmd += ["-m", "eve_vlm.cli", "train", str(tmp_path / "stage2.yaml")]
+    cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / "final")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -580,6 +600,12 @@ def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tm
     start = EveForConditionalGeneration.from_pretrained(tmp_path / "stage1").state_dict()
     key = "language_model.model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(trained[key], start[key])
+    for rank in (0, 1):
+        final = torch.load(tmp_path / f"final-rank{rank}.pt")
+        assert final.keys() == trained.keys()
+        assert all(torch.equal(final[k], trained[k]) for k in final), rank
+    assert not (tmp_path / "stage2" / ".final").exists()
+    assert not (tmp_path / "stage2" / "training_args.bin").exists()
 
 
 def test_ddp_unused_parameters_are_decided_from_the_model():
