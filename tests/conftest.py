@@ -156,3 +156,23 @@ def tiny_tokenizer():
     )
     tok.chat_template = CHATML
     return tok
+
+
+def byte_level_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2/SmolLM2/Qwen2 style) trained in memory, with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(["what colour is the circle? It is red.\nuser assistant system"] * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(["<|im_start|>", "<image>"], special_tokens=True)
+    tok.chat_template = CHATML
+    return tok

@@ -82,14 +82,21 @@ def read_tower_config(folder: str | Path) -> tuple[PreTrainedConfig, PreTrainedC
 @contextmanager
 def _quiet_load_report():
     """Silences transformers' per-key load report while a dual encoder's vision half is loaded: it would list
-    every text-tower weight as unexpected. `load_vision_tower` reports what was dropped and what is missing."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    every text-tower weight as unexpected. `load_vision_tower` reports what was dropped and what is missing.
+    The tensor-parallel logger goes quiet with it: transformers checks a model's (empty) tensor-parallel plan
+    whenever the load report's level is WARNING or above, and would list every tower weight as "not sharded"."""
+    loggers = [
+        logging.getLogger(f"transformers.{name}")
+        for name in ("modeling_utils", "distributed.tensor_parallel")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def load_vision_tower(folder: str | Path, *, dtype=None, log=print) -> PreTrainedModel:

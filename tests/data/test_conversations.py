@@ -3,7 +3,7 @@ render as prefixes or drop a reply, tokens across a reply boundary, and truncati
 The real templates of released models are tested in test_chat_templates.py."""
 
 import pytest
-from conftest import CHATML, WORDS, tiny_tokenizer
+from conftest import CHATML, WORDS, byte_level_bpe_tokenizer, tiny_tokenizer
 
 from eve_vlm.data import IGNORE_INDEX, ConversationEncoder, ConversationRow
 from eve_vlm.errors import ConfigError, DataError
@@ -68,26 +68,6 @@ def llama3_tokenizer():
     specials = ["<pad>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
     specials += ["<|eot_id|>", "<unk>"]
     return word_tokenizer(specials, bos="<|begin_of_text|>", eos="<|end_of_text|>", template=LLAMA3)
-
-
-def byte_level_bpe_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2/SmolLM2/Qwen2 style) trained in memory, with ChatML."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(["what colour is the circle? It is red.\nuser assistant system"] * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens(["<|im_start|>", "<image>"], special_tokens=True)
-    tok.chat_template = CHATML
-    return tok
 
 
 TEMPLATES = {  # name: (tokenizer factory, end-of-turn token)

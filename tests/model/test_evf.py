@@ -391,7 +391,9 @@ def test_decoding_one_token_equals_that_token_routed_in_a_batch(allocation, opti
             one = evf.route(x[row : row + 1], mask[row : row + 1], has_image[:1], with_stats=False)
             torch.testing.assert_close(one.hidden_states, batched[row : row + 1])
             assert one.stats is None
-            with evf.bind(RoutingInputs(mask[row : row + 1], has_image[:1]), 0):  # as a decoding step calls it
+            with evf.bind(
+                RoutingInputs(mask[row : row + 1], has_image[:1]), 0
+            ):  # as a decoding step calls it
                 torch.testing.assert_close(evf(x[row : row + 1]), batched[row : row + 1])
             with evf.bind(RoutingInputs(mask[row : row + 1], ~has_image[:1]), 0):  # a text-only request
                 assert torch.equal(evf(x[row : row + 1]), evf.language_ffn(x[row : row + 1]))
