@@ -19,8 +19,10 @@ Shapes: B batch, T tokens, N images, Ni tokens per image, D LM hidden size.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
@@ -317,24 +319,46 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         image. A batch without images runs with them switched off; a batch mixing text-only and image
         sequences applies them per row (`adapters_per_row`), so a text-only row gets the base LLM's output
         whatever its batch-mates. The LoRA layers inside EVF modules are left to the EVF, which calls them on
-        regrouped tokens and runs its text rows with their adapters off.
-
-        Training on a mixed batch under activation checkpointing is refused: the per-row switch lives only
-        during this forward, so the recomputation in backward would run LoRA on every row. `eve train` never
-        forms such batches (`ModalityLengthGroupedSampler` yields single-modality batches)."""
+        regrouped tokens and runs its text rows with their adapters off. Under activation checkpointing the
+        same switch is set again for each layer's recomputation in backward (`_checkpoint_contexts`)."""
         if self.config.lora is None or bool(has_image.all()):
             return nullcontext()
         layers, outside_evf = self._lora_layers()
         if not bool(has_image.any()):
-            return adapters_disabled(layers)
-        if self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            return self._kept_for_recompute(partial(adapters_disabled, layers))
+        return self._kept_for_recompute(partial(adapters_per_row, outside_evf, has_image))
+
+    @contextmanager
+    def _kept_for_recompute(self, switch: Callable[[], AbstractContextManager]):
+        """Runs the forward under `switch()` and keeps `switch` while it runs, for `_checkpoint_contexts`."""
+        self.__dict__["_text_path_switch"] = switch
+        try:
+            with switch():
+                yield
+        finally:
+            self.__dict__.pop("_text_path_switch", None)
+
+    def _checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """`context_fn` of every checkpointed layer call (torch's non-reentrant checkpointing calls it in the
+        forward): nothing for the forward, and for the recomputation in backward, which runs after this model's
+        forward has returned, the LoRA switch that forward ran under."""
+        switch = self.__dict__.get("_text_path_switch")
+        return nullcontext(), switch() if switch is not None else nullcontext()
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """transformers' activation checkpointing (non-reentrant), with each layer recomputed under the LoRA
+        switch of its forward (`_checkpoint_contexts`): without it, a text-only batch's recomputation would run
+        LoRA, which its forward did not. Reentrant checkpointing cannot take that context and is refused."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"] or "context_fn" in kwargs:
             raise ConfigError(
-                "A training batch mixes text-only and image sequences on a LoRA model with activation "
-                "checkpointing on; the recomputed forward could not keep LoRA off for the text-only rows. "
-                "Batch by modality (eve train's ModalityLengthGroupedSampler does) or turn "
-                "gradient_checkpointing off."
+                "Eve models checkpoint activations without reentrancy and with their own context_fn (the "
+                "recomputation must switch LoRA as the forward did); leave use_reentrant and context_fn unset."
             )
-        return adapters_per_row(outside_evf, has_image)
+        kwargs["context_fn"] = self._checkpoint_contexts
+        super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def _forget_lora_layers(self) -> None:
         """Clears the LoRA layer lists of the model and of its EVF layers (see `_lora_layers`)."""

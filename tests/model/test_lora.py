@@ -176,22 +176,51 @@ def test_dora_is_refused():
     assert model.config.lora is None and not lora_layers(model.language_model)
 
 
-def test_mixed_training_batch_under_activation_checkpointing_is_refused():
-    """The per-row LoRA switch lasts one forward; a checkpointed recomputation would run LoRA on every row."""
+def checkpointed_and_not(model, trainable, **batch):
+    """Loss and gradients of one training step with and without activation checkpointing."""
+    results = []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        for name, p in copy_.named_parameters():
+            p.requires_grad_(any(part in name for part in trainable))
+        if checkpointing:
+            copy_.activation_checkpointing_enable()
+        loss = copy_(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in copy_.named_parameters() if p.grad is not None}))
+    return results
+
+
+@pytest.mark.parametrize("evf", [False, True])
+def test_activation_checkpointing_recomputes_under_the_forwards_lora_switch(evf):
+    """A text-only batch runs with LoRA off, a mixed batch with LoRA per row; the recomputation in backward
+    runs after the forward returned and must switch LoRA the same way (torch stops on a recomputation that
+    differs, or gradients would be wrong). The text path trains here (the last layer's down_proj), as when a
+    recipe trains part of the LLM next to LoRA."""
     model, _ = lora_model()
-    model.train()
-    model.activation_checkpointing_enable()
-    ids, mask, pixels, _, _ = mixed_batch(model.config)
-    with pytest.raises(ConfigError, match="activation checkpointing"):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    with torch.no_grad():  # inference: nothing is recomputed
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    image_ids, image_pixels = image_batch(model.config)  # single-modality batches train as before
-    model(input_ids=image_ids, pixel_values=image_pixels, labels=image_ids).loss.backward()
+    if evf:
+        with_evf(model)
+    trainable = ["lora_", "layers.3.mlp.down_proj", "router", "vision_ffns"]
+    ids, mask, pixels, text_ids, _ = mixed_batch(model.config)
+    batches = [{"input_ids": text_ids}, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}]
+    for batch in batches:
+        (loss, grads), (loss_ckpt, grads_ckpt) = checkpointed_and_not(model, trainable, **batch)
+        assert torch.equal(loss, loss_ckpt)
+        assert grads.keys() == grads_ckpt.keys() and any("lora_" in name for name in grads) == (
+            "pixel_values" in batch
+        )
+        for name in grads:
+            torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model, _ = lora_model()
+    with pytest.raises(ConfigError, match="use_reentrant"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
 
 
 def test_training_batches_are_single_modality():
-    """What `eve train` relies on for the refusal above never to trigger."""
+    """`eve train` keeps image rows and text-only rows in separate micro-batches (LLaVA's modality grouping)."""
     from eve_vlm.data.collator import ModalityLengthGroupedSampler
 
     is_image = [i % 3 == 0 for i in range(23)]
