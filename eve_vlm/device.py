@@ -5,6 +5,7 @@
   (`device_map="auto"`: accelerate spreads the layers over the GPUs, then the CPU, never splitting a decoder
   layer). Default: `cuda` when a GPU is visible, else `cpu`.
 - `--dtype`: `float32` (default), `bfloat16` or `float16`; EVF routers stay fp32 in any case.
+- `--quantize int8`: dynamic int8 linear layers on the CPU (`eve_vlm/quantize.py`).
 
 Building the parsers does not import torch; choosing a device does.
 """
@@ -21,13 +22,19 @@ DEVICE_HELP = (
     "default cuda when a GPU is visible, else cpu"
 )
 DTYPE_HELP = "float32 (default), bfloat16 or float16"
+QUANTIZE_HELP = (
+    "int8: dynamic int8 quantisation of the linear layers for CPU inference (float32, --device cpu); the "
+    "text path is then no longer the base LLM's"
+)
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, suffix: str = "") -> None:
-    """Adds `--device` and `--dtype` (both default None: `default_device()` and float32); `suffix` is added to
-    both help texts."""
+def add_device_arguments(parser: argparse.ArgumentParser, *, suffix: str = "", quantize: bool = True) -> None:
+    """Adds `--device` and `--dtype` (both default None: `default_device()` and float32) and, with `quantize`,
+    `--quantize` (see `eve_vlm/quantize.py`); `suffix` is added to the help texts."""
     parser.add_argument("--device", default=None, help=DEVICE_HELP + suffix)
     parser.add_argument("--dtype", default=None, help=DTYPE_HELP + suffix)
+    if quantize:
+        parser.add_argument("--quantize", default=None, choices=("int8",), help=QUANTIZE_HELP + suffix)
 
 
 def default_device() -> str:

@@ -457,7 +457,9 @@ def add_quickstart_parser(subparsers) -> None:
     )
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and tiny evaluations")
     p.add_argument("--vqa-limit", type=int, default=2000, help="easy-VQA test questions evaluated")
-    add_device_arguments(p, suffix="; for the evaluations (training goes where the Trainer puts it)")
+    add_device_arguments(
+        p, suffix="; for the evaluations (training goes where the Trainer puts it)", quantize=False
+    )
     p.set_defaults(
         func=lambda a: run_quickstart(
             a.out,

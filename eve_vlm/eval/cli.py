@@ -16,12 +16,14 @@ __all__ = ["add_eval_parser"]
 POLICIES = ("rts", "position", "bpr", "gbpr", "img_gbpr", "modality")
 
 
-def load_model_and_processor(model_dir: str, device: str | None = None, dtype: str | None = None):
-    """An Eve model (eval mode) and its processor from a saved folder, on `device` at `dtype` (see
-    `eve_vlm.serve.loading.load_model`: default the GPU when there is one, float32)."""
+def load_model_and_processor(
+    model_dir: str, device: str | None = None, dtype: str | None = None, quantize: str | None = None
+):
+    """An Eve model (eval mode) and its processor from a saved folder, on `device` at `dtype`, quantised or not
+    (see `eve_vlm.serve.loading.load_model`: default the GPU when there is one, float32)."""
     from eve_vlm.serve.loading import load_model
 
-    return load_model(model_dir, dtype, device)
+    return load_model(model_dir, dtype, device, quantize)
 
 
 def load_base(path: str, like) -> tuple:
@@ -36,7 +38,7 @@ def load_base(path: str, like) -> tuple:
 
 
 def _load(args: argparse.Namespace):
-    return load_model_and_processor(args.model, args.device, args.dtype)
+    return load_model_and_processor(args.model, args.device, args.dtype, args.quantize)
 
 
 def _write_json(data: dict, path: str) -> None:

@@ -108,7 +108,7 @@ def _run(args) -> None:
         from eve_vlm.serve.loading import load_model, set_threads
 
         set_threads(args.threads)
-        model, processor = load_model(model_dir, args.dtype, args.device)
+        model, processor = load_model(model_dir, args.dtype, args.device, args.quantize)
         image = load_image(args.image) if args.image else None
         print(answer(model, processor, question, image, args.max_new_tokens, args.system))
         return
@@ -120,7 +120,7 @@ def _run(args) -> None:
     if args.url is not None:
         backend = RemoteBackend(args.url)
     else:
-        backend = LocalBackend.load(model_dir, args.dtype, args.device, args.threads)
+        backend = LocalBackend.load(model_dir, args.dtype, args.device, args.threads, args.quantize)
     options = {"max_tokens": args.max_new_tokens, "temperature": args.temperature or 0.0}
     with backend:
         ChatSession(backend, options, args.system).run()

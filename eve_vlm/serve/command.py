@@ -63,7 +63,7 @@ def _run(args) -> None:
     for option in ("max_images", "default_max_tokens"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least 1.")
-    model, processor = load_model(args.model_dir, args.dtype, args.device)
+    model, processor = load_model(args.model_dir, args.dtype, args.device, args.quantize)
     limits = PromptLimits(
         max_images=args.max_images,
         context=int(model.config.text_config.max_position_embeddings),

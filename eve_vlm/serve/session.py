@@ -38,12 +38,17 @@ class LocalBackend:
 
     @classmethod
     def load(
-        cls, model_dir: str, dtype: str | None = None, device: str | None = None, threads: int | None = None
+        cls,
+        model_dir: str,
+        dtype: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        quantize: str | None = None,
     ) -> LocalBackend:
         from eve_vlm.serve.loading import load_model, set_threads
 
         set_threads(threads)
-        return cls(*load_model(model_dir, dtype, device))
+        return cls(*load_model(model_dir, dtype, device, quantize))
 
     def __enter__(self):
         self.engine.start()

@@ -676,6 +676,12 @@ def test_a_saved_model_runs_on_a_chosen_device_and_dtype(parts, tmp_path, capsys
         assert main([*args, "--device", "cuda"]) == 2
         assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
 
+    int8 = ["--quantize", "int8", "--max-new-tokens", "3"]
+    assert main(["chat", model_dir, "what is the colour", "--image", image, "--device", "cpu", *int8]) == 0
+    assert main([*args, "--quantize", "int8"]) == 0
+    assert main([*args, "--quantize", "int8", "--dtype", "bfloat16"]) == 2
+    assert "leave --dtype at float32" in capsys.readouterr().err
+
 
 def test_the_recipe_chooses_the_attention_implementation(parts, tmp_path):
     model, _ = build_model(recipe(parts, tmp_path, 1, model={"attn_implementation": "eager"}))
