@@ -38,6 +38,11 @@ Lines (`case`):
 - `llava_train_step`, `llava_prefill`, `llava_image_generation`: that Eve model / Llava: a training step
   (projector trainable, as stage 1; batch 4 x 304, forward + backward + SGD step), a prefill of 8 x 304, a
   greedy 32-token generation.
+- `precision_bf16_*`, `precision_int8_*` (group `precision`): the stage-3 model in bf16 (routers fp32) and with
+  `--quantize int8` (dynamic int8 linear layers, `eve_vlm/quantize.py`) against the same model in fp32: a
+  prefill of one image request (304 tokens), a 32-token image generation, a 32-token text-only generation;
+  `precision_*_logits` lines give the largest logit difference and the share of unchanged top tokens on one
+  image and one text request (random tokens: a size of the change, not an accuracy).
 
 Usage (from the repository root, after `eve prepare`):
 
@@ -364,6 +369,50 @@ def llava_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]
     ]
 
 
+def precision_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]:
+    """The stage-3 model in bf16 (routers kept fp32, as `from_pretrained(dtype=bfloat16)` keeps them) and with
+    `--quantize int8` (`eve_vlm.quantize.quantize_int8`), each against itself in fp32; how far their logits
+    move is printed first (max |difference| and the share of positions whose top token is unchanged)."""
+    from eve_vlm.quantize import quantize_int8
+
+    stage3 = models["stage3"]
+    bf16 = copy.deepcopy(stage3).to(torch.bfloat16)
+    for evf in bf16.evf_layers.values():
+        evf.router.float()
+    int8 = copy.deepcopy(stage3)
+    quantize_int8(int8)
+    one = image_inputs(stage3.config, 1, seed=6)
+    text = {
+        "input_ids": one["input_ids"][:, -TEXT_TOKENS + 1 :],
+        "attention_mask": one["attention_mask"][:, :47],
+    }
+    variants = {"bf16": bf16, "int8": int8}
+    with torch.no_grad():
+        reference = {name: stage3(**inputs).logits for name, inputs in (("image", one), ("text", text))}
+        for variant, model in variants.items():
+            for name, inputs in (("image", one), ("text", text)):
+                logits = model(**inputs).logits.float()
+                same_top = (logits.argmax(-1) == reference[name].argmax(-1)).float().mean().item()
+                line = {"case": f"precision_{variant}_{name}_logits", "vs": "fp32"}
+                line |= {"max_abs_logit_difference": (logits - reference[name]).abs().max().item()}
+                print(
+                    json.dumps(line | {"same_top_token": round(same_top, 4), "machine": machine()}),
+                    flush=True,
+                )
+
+    def forward(model, inputs):
+        return lambda: model(**inputs)
+
+    cases = []
+    for variant, model in variants.items():
+        cases += [
+            (f"precision_{variant}_prefill", forward(model, one), forward(stage3, one), 1),
+            (f"precision_{variant}_image_generation", greedy(model, one), greedy(stage3, one), 1),
+            (f"precision_{variant}_text_generation", greedy(model, text), greedy(stage3, text), 1),
+        ]
+    return cases
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
@@ -378,7 +427,7 @@ def main() -> None:
     parser.add_argument(
         "--group",
         action="append",
-        choices=("layer", "model", "llava"),
+        choices=("layer", "model", "llava", "precision"),
         help="run only these groups (repeatable)",
     )
     args = parser.parse_args()
@@ -387,7 +436,7 @@ def main() -> None:
     if not Path(paths["llm"]).is_dir() or not Path(paths["vision"]).is_dir():
         sys.exit("The default parts are missing: run `eve prepare` first.")
     models = build(paths)
-    groups = {"layer": layer_cases, "model": model_cases, "llava": llava_cases}
+    groups = {"layer": layer_cases, "model": model_cases, "llava": llava_cases, "precision": precision_cases}
     for group in args.group or list(groups):
         for name, a, b, reps in groups[group](models, args):
             train = name.endswith("train_step")

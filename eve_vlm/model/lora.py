@@ -53,16 +53,17 @@ def lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
 
 
 @contextmanager
-def adapters_disabled(layers: list[BaseTunerLayer]):
+def adapters_disabled(layers: list[BaseTunerLayer], flags_only: bool = False):
     """Runs the layers without their adapters, then puts each layer back as it was (on or off) and restores
     each adapter weight's `requires_grad` (peft's `enable_adapters` would otherwise make every active adapter
     trainable again). Nested uses are safe: an inner one leaves the layers off for the outer one.
 
-    With gradients disabled (inference) only the switch that peft's forward reads (`disable_adapters`) is set
-    and put back: the `requires_grad` bookkeeping of `enable_adapters` matters only when gradients are computed
-    and costs about 30 times more (8 ms per forward for the 105 LoRA layers of a SmolLM2-135M stage-2 model).
+    With gradients disabled (inference), or with `flags_only` (the recomputation of a checkpointed layer, which
+    only has to compute what its forward computed), only the switch that peft's forward reads
+    (`disable_adapters`) is set and put back: the `requires_grad` bookkeeping of `enable_adapters` costs about 30
+    times more (8 ms per forward for the 105 LoRA layers of a SmolLM2-135M stage-2 model).
     """
-    if not torch.is_grad_enabled():
+    if flags_only or not torch.is_grad_enabled():
         # `object.__setattr__`: the flag is a plain bool, and `nn.Module.__setattr__`'s checks for parameters,
         # buffers and submodules cost ~10 us per layer, twice per layer and forward.
         was_disabled = [layer.disable_adapters for layer in layers]

@@ -40,6 +40,23 @@ from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
 
 
+class EachTime(AbstractContextManager):
+    """A context manager that makes a fresh `make()` context each time it is entered (a generator-based one can
+    be entered only once)."""
+
+    def __init__(self, make: Callable[[], AbstractContextManager]):
+        self.make = make
+        self.entered: list[AbstractContextManager] = []
+
+    def __enter__(self):
+        context = self.make()
+        self.entered.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc):
+        return self.entered.pop().__exit__(*exc)
+
+
 @dataclass
 class EveCausalLMOutput(CausalLMOutputWithPast):
     """Output of `EveForConditionalGeneration.forward`: transformers' causal-LM output plus Eve's fields.
@@ -325,25 +342,31 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             return nullcontext()
         layers, outside_evf = self._lora_layers()
         if not bool(has_image.any()):
-            return self._kept_for_recompute(partial(adapters_disabled, layers))
-        return self._kept_for_recompute(partial(adapters_per_row, outside_evf, has_image))
+            recompute = partial(adapters_disabled, layers, flags_only=True)
+            return self._kept_for_recompute(partial(adapters_disabled, layers), recompute)
+        per_row = partial(adapters_per_row, outside_evf, has_image)
+        return self._kept_for_recompute(per_row, per_row)
 
     @contextmanager
-    def _kept_for_recompute(self, switch: Callable[[], AbstractContextManager]):
-        """Runs the forward under `switch()` and keeps `switch` while it runs, for `_checkpoint_contexts`."""
-        self.__dict__["_text_path_switch"] = switch
+    def _kept_for_recompute(
+        self, switch: Callable[[], AbstractContextManager], recompute: Callable[[], AbstractContextManager]
+    ):
+        """Runs the forward under `switch()` and keeps `recompute`, the same switch for a recomputation, while
+        it runs, for `_checkpoint_contexts`."""
+        self.__dict__["_text_path_recompute"] = recompute
         try:
             with switch():
                 yield
         finally:
-            self.__dict__.pop("_text_path_switch", None)
+            self.__dict__.pop("_text_path_recompute", None)
 
     def _checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """`context_fn` of every checkpointed layer call (torch's non-reentrant checkpointing calls it in the
         forward): nothing for the forward, and for the recomputation in backward, which runs after this model's
-        forward has returned, the LoRA switch that forward ran under."""
-        switch = self.__dict__.get("_text_path_switch")
-        return nullcontext(), switch() if switch is not None else nullcontext()
+        forward has returned, the LoRA switch that forward ran under (entered anew for every recomputation: a
+        graph kept with `retain_graph` is recomputed once per backward)."""
+        recompute = self.__dict__.get("_text_path_recompute")
+        return nullcontext(), EachTime(recompute) if recompute is not None else nullcontext()
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from eve_vlm.assets import eve_home, weights_sha256
@@ -282,6 +282,35 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
+def check_sharded_setup(trainer: EveTrainer, has_lora: bool) -> None:
+    """Refuses, before the first step, what would fail at the end of a sharded run or in its backward: a final
+    save that could not write full weights (FSDP without `FULL_STATE_DICT`, DeepSpeed ZeRO-3 without gathering
+    16-bit weights on save), and FSDP's own activation checkpointing on a LoRA model (its wrapper cannot switch
+    LoRA for the recomputation as the model's checkpointing does; use `training.gradient_checkpointing`)."""
+    state = trainer.accelerator.state
+    if trainer.is_fsdp_enabled:
+        plugin = state.fsdp_plugin
+        if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            raise ConfigError(
+                f"FSDP state_dict_type {plugin.state_dict_type}: eve train saves the final model from a full "
+                "state dict; set `fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config."
+            )
+        if plugin.activation_checkpointing and has_lora:
+            raise ConfigError(
+                "fsdp_activation_checkpointing on a LoRA model: FSDP's checkpoint wrapper cannot keep LoRA off "
+                "for text-only rows when it recomputes; set `fsdp_activation_checkpointing: false` in the "
+                "accelerate config and `training.gradient_checkpointing: true` in the recipe instead."
+            )
+    if trainer.is_deepspeed_enabled:
+        plugin = state.deepspeed_plugin
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the final model could not "
+                "be saved as full weights; set `zero3_save_16bit_model: true` in the accelerate config."
+            )
+
+
 def save_stage(trainer: EveTrainer, processor, output_dir: str, summary: dict) -> None:
     """Writes the final model, processor and a summary; files land by rename, the summary last. Every process
     calls it: the weights go through the Trainer's `save_model`, which gathers them where FSDP or DeepSpeed
@@ -298,9 +327,10 @@ def save_stage(trainer: EveTrainer, processor, output_dir: str, summary: dict) -
         return
     if not any(tmp.glob("*.safetensors")):
         raise CheckpointError(
-            f"No weights were written to {out}: under FSDP the final model is saved from a full state dict; set "
-            "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (the checkpoints of this run, "
-            "if any, are in its checkpoint-* folders)"
+            f"No weights were written to {out}: the final model is saved from a full state dict; set "
+            "`fsdp_state_dict_type: FULL_STATE_DICT` (FSDP) or `zero3_save_16bit_model: true` (DeepSpeed "
+            "ZeRO-3) in the accelerate config (the checkpoints of this run, if any, are in its checkpoint-* "
+            "folders)"
         )
     (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the run's arguments are in the summary
     processor.save_pretrained(tmp)
@@ -395,6 +425,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
     """Runs one stage end to end; returns the summary written next to the model."""
     start = time.time()
     check_one_process_per_gpu(torch.cuda.device_count(), os.environ.get("WORLD_SIZE"))
+    set_seed(recipe.training.seed)  # LoRA and EVF start alike on every process, whatever torch's default seed
     model, processor = build_model(recipe)
     args = training_arguments(recipe)
     # The main process of each node prepares (a node-local cache_dir needs its own copy; on a shared one the
@@ -432,6 +463,7 @@ def run_stage(recipe: Recipe, log=print, callbacks=None) -> dict:
         callbacks=callbacks,
         router_lr=recipe.evf.router_lr if recipe.evf is not None else None,
     )
+    check_sharded_setup(trainer, has_lora=model.config.lora is not None)
     resume = recipe.training.resume_from_checkpoint
     if resume == "auto":
         resume = latest_checkpoint(args.output_dir)

@@ -228,3 +228,17 @@ def test_training_batches_are_single_modality():
     order = list(sampler)
     for start in range(0, len(order), 4):
         assert len({is_image[i] for i in order[start : start + 4]}) == 1
+
+
+def test_a_graph_kept_for_a_second_backward_is_recomputed_under_the_same_switch():
+    model, _ = lora_model()
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or "layers.3.mlp.down_proj" in name)
+    model.activation_checkpointing_enable()
+    ids = text_batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = model.language_model.model.layers[3].mlp.down_proj.weight.grad.clone()
+    loss.backward()  # recomputes every layer again
+    torch.testing.assert_close(model.language_model.model.layers[3].mlp.down_proj.weight.grad, 2 * first)

@@ -132,7 +132,7 @@ def test_a_model_sharded_by_that_policy_on_two_cpu_processes_saves_full_weights(
     script.write_text(FSDP2_SCRIPT)
     env = {**os.environ, **launch_env(CONFIGS / "fsdp.yaml"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(ROOT / "tests")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     cmd += [str(script), str(ROOT / "tests"), str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -188,3 +188,48 @@ def test_a_run_whose_final_save_writes_no_weights_stops_naming_the_state_dict_ty
     with pytest.raises(CheckpointError, match="fsdp_state_dict_type: FULL_STATE_DICT"):
         save_stage(ShardedSaveTrainer(), processor=None, output_dir=str(tmp_path / "run"), summary={})
     assert not (tmp_path / "run" / DONE_MARKER).exists()
+
+
+def sharded_trainer(fsdp=None, deepspeed=None):
+    """What `check_sharded_setup` reads of a Trainer under FSDP or DeepSpeed (accelerate runs neither on CPU)."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
+    return SimpleNamespace(
+        accelerator=SimpleNamespace(state=state),
+        is_fsdp_enabled=fsdp is not None,
+        is_deepspeed_enabled=deepspeed is not None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fsdp", "deepspeed", "lora", "refused"),
+    [
+        (None, None, True, None),
+        (("FULL_STATE_DICT", False), None, True, None),
+        (("SHARDED_STATE_DICT", False), None, False, "fsdp_state_dict_type: FULL_STATE_DICT"),
+        (("FULL_STATE_DICT", True), None, True, "fsdp_activation_checkpointing: false"),
+        (("FULL_STATE_DICT", True), None, False, None),
+        (None, {"stage": 2}, True, None),
+        (None, {"stage": 3}, True, "zero3_save_16bit_model: true"),
+        (None, {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, True, None),
+    ],
+)
+def test_a_sharded_run_that_could_not_save_or_recompute_is_refused_before_training(
+    fsdp, deepspeed, lora, refused
+):
+    from types import SimpleNamespace
+
+    from eve_vlm.errors import ConfigError
+    from eve_vlm.train.stages import check_sharded_setup
+
+    if fsdp is not None:
+        fsdp = SimpleNamespace(state_dict_type=f"StateDictType.{fsdp[0]}", activation_checkpointing=fsdp[1])
+    if deepspeed is not None:
+        deepspeed = SimpleNamespace(deepspeed_config={"zero_optimization": deepspeed})
+    trainer = sharded_trainer(fsdp, deepspeed)
+    if refused is None:
+        check_sharded_setup(trainer, has_lora=lora)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_sharded_setup(trainer, has_lora=lora)

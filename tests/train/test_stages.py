@@ -365,8 +365,7 @@ def test_torchrun_ddp_two_processes(parts, tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29533",
+        "--standalone",
         "-m",
         "eve_vlm.cli",
         "train",
@@ -424,8 +423,7 @@ def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(pa
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29541",
+            "--standalone",
         ]
         cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / tag), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -588,7 +586,7 @@ def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tm
     del full
     script = tmp_path / "final_state.py"
     script.write_text(FINAL_STATE_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / "final")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -676,6 +674,8 @@ def test_a_saved_model_runs_on_a_chosen_device_and_dtype(parts, tmp_path, capsys
         assert main([*args, "--device", "cuda"]) == 2
         assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
 
+    quantized, _ = load_model(model_dir, None, "cpu", "int8")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in quantized.modules())
     int8 = ["--quantize", "int8", "--max-new-tokens", "3"]
     assert main(["chat", model_dir, "what is the colour", "--image", image, "--device", "cpu", *int8]) == 0
     assert main([*args, "--quantize", "int8"]) == 0
