@@ -7,8 +7,8 @@ as the quickstart evaluates it, on the quickstart's sets (`eve prepare`):
 - `bf16`: `--dtype bfloat16` (bf16 weights; the EVF routers stay fp32);
 - `int8`: `--quantize int8` (dynamic int8 linear layers, `eve_vlm/quantize.py`).
 Per variant: easy-VQA accuracy (greedy, 4 new tokens, batches of 32) on `--vqa-limit` test questions spread over
-the test split, with its standard error, and the paired difference to `fp32` on the same questions with its
-standard error; wall time of that VQA run (eval mode, one process, `--threads`); the text path's perplexity on
+the test split, with its standard error, and the paired difference to the first variant listed (`fp32` by
+default) on the same questions with its standard error; wall time of that VQA run (eval mode, one process, `--threads`); the text path's perplexity on
 the held-out fortunes text and its WordNet multiple-choice accuracy, each with its delta against the base LLM in
 float32 (the elastic guarantee makes that delta 0 for fp32; a quantised text path is no longer the base LLM's).
 
@@ -61,7 +61,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from eve_vlm.eval.cli import load_base
     from eve_vlm.eval.language import evaluate_language, score_language
     from eve_vlm.eval.vqa import evaluate_vqa
     from eve_vlm.serve.loading import load_model
@@ -72,8 +71,10 @@ def main() -> None:
     for name in args.variants.split(","):
         dtype, quantize, autocast = VARIANTS[name]
         model, processor = load_model(args.model, dtype, "cpu", quantize)
-        if base_scores is None:  # the base LLM in float32, whatever the variant
-            base, _ = load_base(evaluator.base_dir, load_model(args.model, None, "cpu")[0])
+        if base_scores is None:  # the base LLM in float32 on the CPU, whatever the variant
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(evaluator.base_dir, dtype=torch.float32).eval()
             base_scores = score_language(
                 base,
                 processor.text_tokenizer,
@@ -97,7 +98,7 @@ def main() -> None:
             evaluator.texts,
             {"wordnet_mc": evaluator.mc},
             base_scores=base_scores,
-            base_name="SmolLM2-135M-Instruct (float32)",
+            base_name=f"{evaluator.base_dir} (float32)",
             batch_size=LANGUAGE_BATCH,
         )
         diff, diff_se = paired(scores, reference[1])
