@@ -3,9 +3,11 @@
 torch's own dynamic quantisation (`torch.ao.quantization.quantize_dynamic`): each `nn.Linear` of the decoder
 layers, the projector and the vision tower (the base layers under LoRA included) gets int8 weights, one scale
 per output channel, and quantises its input per call. What stays as loaded: the embeddings and the `lm_head`
-(often tied to them; quantising them costs the most accuracy), norms, LoRA's small adapter matrices (peft reads
-their weight's dtype), and the EVF routers, whose class is a subclass of `nn.Linear` and so is not matched,
-keeping routing decisions in fp32.
+(often tied to them; quantising them costs the most accuracy), the FFNs' output projections (`down_proj`,
+`fc2`: their inputs carry the largest activation outliers, and one scale per input tensor loses them - on
+SmolLM2-135M the held-out perplexity goes from 44.9 to 174 with them quantised, to 52.8 without), norms, LoRA's
+small adapter matrices (peft reads their weight's dtype), and the EVF routers, whose class is a subclass of
+`nn.Linear` and so is not matched, keeping routing decisions in fp32.
 
 Dynamic quantised kernels run on CPU only, on fp32 activations: the model must be on the CPU in float32. A
 quantised text path is no longer the base LLM's: `eve eval language` reports its delta against the base LLM in
@@ -22,6 +24,10 @@ from torch import nn
 from eve_vlm.errors import ConfigError
 
 QUANTIZE_NAMES = ("int8",)
+KEPT_LINEAR_NAMES = (
+    "down_proj",
+    "fc2",
+)  # FFN output projections (decoder families; CLIP/SigLIP/DINOv2 towers)
 
 
 def check_quantize(quantize: str | None, dtype: torch.dtype, device: str) -> None:
@@ -36,6 +42,15 @@ def check_quantize(quantize: str | None, dtype: torch.dtype, device: str) -> Non
         )
     if dtype != torch.float32:
         raise ConfigError(f"--quantize {quantize} quantises float32 weights; leave --dtype at float32.")
+
+
+def kept_as_loaded(name: str) -> bool:
+    """Whether the linear layer `name` stays unquantised: a LoRA adapter matrix, or an FFN output projection
+    (also when LoRA wraps it: `...down_proj.base_layer`)."""
+    parts = name.split(".")
+    if parts[-1] == "base_layer":
+        parts = parts[:-1]
+    return "lora_" in name or parts[-1] in KEPT_LINEAR_NAMES
 
 
 def quantize_int8(model: nn.Module) -> int:
@@ -56,7 +71,7 @@ def quantize_int8(model: nn.Module) -> int:
             names = {
                 name
                 for name, module in part.named_modules()
-                if type(module) is nn.Linear and "lora_" not in name
+                if type(module) is nn.Linear and not kept_as_loaded(name)
             }
             quantize_dynamic(part, dict.fromkeys(names, qconfig), dtype=torch.qint8, inplace=True)
             replaced += len(names)

@@ -11,7 +11,7 @@ from eve_vlm.quantize import check_quantize, quantize_int8
 
 def stage3():
     model = tiny_model()
-    model.add_lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model.add_lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
     model.add_elastic_vision_ffns("alternate", allocation="img_gbpr")
     return model.eval()
 
@@ -23,7 +23,9 @@ def test_int8_replaces_the_linear_layers_and_keeps_routers_embeddings_and_head()
     with torch.no_grad():
         image_ref, text_ref = model(input_ids=ids, pixel_values=pixels).logits, model(input_ids=text).logits
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    kept = [n for n in linears if "lora_" in n or n == "language_model.lm_head"]
+    ffn_out = ("down_proj", "fc2", "down_proj.base_layer")
+    kept = [n for n in linears if "lora_" in n or n == "language_model.lm_head" or n.endswith(ffn_out)]
+    assert any(n.endswith("down_proj.base_layer") for n in kept)  # LoRA on the FFN: its base stays
     replaced = quantize_int8(model)
     assert replaced == len(linears) - len(kept) > 0
     assert [n for n, m in model.named_modules() if type(m) is nn.Linear] == kept
