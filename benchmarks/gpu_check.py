@@ -64,22 +64,43 @@ from eve_vlm.train.recipe import TrainableRule  # noqa: E402
 from eve_vlm.train.trainable import apply_trainable_rules, trainable_to_fp32  # noqa: E402
 
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def size_spec(
+    *, vocab, hidden, ffn, layers, heads, kv_heads, positions, tied, vision, batch, text_len
+) -> dict:
+    """One model size: a Llama text config, a DINOv2 config from `vision` = (hidden, ffn, layers, heads,
+    image size, patch), and the batch shape of a step."""
+    v_hidden, v_ffn, v_layers, v_heads, image_size, patch_size = vision
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=positions,
+        tie_word_embeddings=tied,
+    )
+    vision_config = dict(
+        hidden_size=v_hidden,
+        intermediate_size=v_ffn,
+        num_hidden_layers=v_layers,
+        num_attention_heads=v_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    return dict(text=text, vision=vision_config, batch=batch, text_len=text_len)
+
+
 SIZES = {
-    "tiny": dict(
-        text=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=True),
-        vision=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=32, patch_size=8),
-        batch=2, text_len=6,
+    "tiny": size_spec(
+        vocab=128, hidden=32, ffn=64, layers=4, heads=4, kv_heads=2, positions=256, tied=True,
+        vision=(24, 48, 2, 2, 32, 8), batch=2, text_len=6,
     ),
-    "1b": dict(
-        text=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
-                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                  tie_word_embeddings=False),
-        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                    image_size=224, patch_size=14),
-        batch=4, text_len=64,
+    "1b": size_spec(
+        vocab=32000, hidden=2048, ffn=5504, layers=16, heads=16, kv_heads=4, positions=2048, tied=False,
+        vision=(384, 1536, 12, 6, 224, 14), batch=4, text_len=64,
     ),
 }  # fmt: skip
 LORA = dict(

@@ -307,9 +307,9 @@ def model_cases(models: dict, args) -> list[tuple[str, Callable, Callable, int]]
             decode_step(base, text),
             args.reps_decode_step,
         ),
-        ("model_image_generation", greedy(stage3, one), greedy(stage2, one), 1),
+        ("model_image_generation", greedy(stage3, one), greedy(stage2, one), args.reps_generation),
         ("model_prefill", forward(stage3, eight), forward(stage2, eight), 1),
-        ("model_text_generation", greedy(stage3, text), greedy(base, text), 1),
+        ("model_text_generation", greedy(stage3, text), greedy(base, text), args.reps_generation),
     ]
 
 
@@ -424,6 +424,12 @@ def main() -> None:
     parser.add_argument("--reps-prefill-layer", type=int, default=5)
     parser.add_argument("--reps-decode-layer", type=int, default=300)
     parser.add_argument("--reps-decode-step", type=int, default=20)
+    parser.add_argument(
+        "--reps-generation",
+        type=int,
+        default=3,
+        help="call pairs per round for the model-level generations (one generation varies by up to 20%%)",
+    )
     parser.add_argument(
         "--group",
         action="append",

@@ -68,6 +68,11 @@ def main() -> None:
     evaluator = Evaluator(asset_paths(), args.vqa_limit, mc_limit=100, text_chars=20000, routing_limit=8)
     base_scores = None
     reference = None
+
+    def language_sets(processor):
+        """The tokenizer, texts and multiple-choice sets every language score here is computed on."""
+        return processor.text_tokenizer, evaluator.texts, {"wordnet_mc": evaluator.mc}
+
     for name in args.variants.split(","):
         dtype, quantize, autocast = VARIANTS[name]
         model, processor = load_model(args.model, dtype, "cpu", quantize)
@@ -75,13 +80,7 @@ def main() -> None:
             from transformers import AutoModelForCausalLM
 
             base = AutoModelForCausalLM.from_pretrained(evaluator.base_dir, dtype=torch.float32).eval()
-            base_scores = score_language(
-                base,
-                processor.text_tokenizer,
-                evaluator.texts,
-                {"wordnet_mc": evaluator.mc},
-                batch_size=LANGUAGE_BATCH,
-            )
+            base_scores = score_language(base, *language_sets(processor), batch_size=LANGUAGE_BATCH)
             del base
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
         start = time.perf_counter()
@@ -94,9 +93,7 @@ def main() -> None:
         reference = reference if reference is not None else (name, scores)
         language = evaluate_language(
             model,
-            processor.text_tokenizer,
-            evaluator.texts,
-            {"wordnet_mc": evaluator.mc},
+            *language_sets(processor),
             base_scores=base_scores,
             base_name=f"{evaluator.base_dir} (float32)",
             batch_size=LANGUAGE_BATCH,

@@ -4,9 +4,9 @@ Expert 0 is the language model's own FFN (the same module object, frozen); exper
 FFNs, by default copies of it. A router `Linear(D, E, bias=False)` (`Router`: fp32 weights, fp32 logits under
 autocast too) scores every token; the experts are chosen by top-k (`allocation.assign_experts`), a
 token-allocation policy (`allocation.py`) decides which assignments an over-full expert keeps, and the kept
-ones are dispatched by gathers on the token dimension (one `index_select` grouping the tokens by expert, one
-with the inverse permutation back), so the cost is linear in the number of tokens; dropped tokens get 0 from
-the expert branch.
+ones are dispatched by gathers on the token dimension (`dispatch.py`: one `index_select` grouping the tokens
+by expert, one with the inverse permutation back), so the cost is linear in the number of tokens; dropped
+tokens get 0 from the expert branch.
 
 Elastic guarantee: when a batch has no image token, the output is `language_ffn(hidden_states)` itself,
 bit for bit (no router, no weight, no residual mix), so the text path of the language model is unchanged.
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model.allocation import ALLOCATION_POLICIES, assign_experts, expert_capacity, get_policy
+from eve_vlm.model.dispatch import RoutingStats, dispatch, routing_stats
 from eve_vlm.model.lora import adapters_disabled, lora_layers
 
 __all__ = ["EVFOutput", "ElasticVisionFFN", "Router", "RoutingInputs", "RoutingRecorder", "RoutingStats"]
@@ -66,55 +67,6 @@ class Router(nn.Linear):
             return F.linear(x.float(), self.weight.float())
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float())
-
-
-@dataclass
-class RoutingStats:
-    """Routing statistics of one EVF forward (detached tensors on the input's device); padding positions are
-    not counted.
-
-    Attributes:
-        routed_image: [E] long, image-token assignments per chosen expert (before capacity).
-        routed_text: [E] long, text-token assignments per chosen expert (before capacity).
-        kept_image: [E] long, image-token assignments the expert processed.
-        kept_text: [E] long, text-token assignments the expert processed.
-        capacity: Per-expert capacity applied; where no limit applies (`modality`, or a batch without
-            image tokens) it is the number of assignments.
-        entropy: 0-dim fp32 mean router entropy over tokens (nats); 0 when the router did not run.
-    """
-
-    routed_image: Tensor
-    routed_text: Tensor
-    kept_image: Tensor
-    kept_text: Tensor
-    capacity: int
-    entropy: Tensor
-
-    @property
-    def dropped_image(self) -> Tensor:
-        """[E] image-token assignments dropped for lack of capacity."""
-        return self.routed_image - self.kept_image
-
-    @property
-    def dropped_text(self) -> Tensor:
-        """[E] text-token assignments dropped for lack of capacity."""
-        return self.routed_text - self.kept_text
-
-    def plus_language_only(self, other: RoutingStats) -> RoutingStats:
-        """These statistics plus those of sequences that took the language-only path (`other`)."""
-        return RoutingStats(
-            self.routed_image + other.routed_image,
-            self.routed_text + other.routed_text,
-            self.kept_image + other.kept_image,
-            self.kept_text + other.kept_text,
-            self.capacity,
-            self.entropy,
-        )
-
-    @property
-    def tokens_per_expert(self) -> Tensor:
-        """[E] assignments per chosen expert, image and text together."""
-        return self.routed_image + self.routed_text
 
 
 @dataclass
@@ -339,7 +291,9 @@ class ElasticVisionFFN(nn.Module):
             expert_idx, weights = assign_experts(
                 probs, inputs.image_mask[0], top_k=self.top_k, allocation=self.allocation
             )
-            out = self._with_residual(x, self._dispatch(x, expert_idx, None, self._combine_weights(weights)))
+            out = self._with_residual(
+                x, dispatch(self.experts, x, expert_idx, None, self._combine_weights(weights))
+            )
             return out.unsqueeze(0)
         logits = self.router(hidden_states).tolist()[0][0]  # E floats
         if self.allocation == "modality":  # hard routing by modality, weight 1 (see `assign_experts`)
@@ -475,9 +429,11 @@ class ElasticVisionFFN(nn.Module):
             keep = self._policy(
                 probs, expert_idx, mask, capacity, sequence_ids=sequence_ids, generator=self._generator
             )
-        out = self._with_residual(x, self._dispatch(x, expert_idx, keep, self._combine_weights(weights)))
+        out = self._with_residual(
+            x, dispatch(self.experts, x, expert_idx, keep, self._combine_weights(weights))
+        )
         stats = (
-            _routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs) if with_stats else None
+            routing_stats(expert_idx, keep, mask, self.num_experts, capacity, probs) if with_stats else None
         )
         router_loss = None
         if self.modality_loss_coef > 0 and self.training:
@@ -525,56 +481,6 @@ class ElasticVisionFFN(nn.Module):
         if self.top_k > 1:
             return weights / weights.sum(dim=-1, keepdim=True)
         return weights
-
-    def _dispatch(self, x: Tensor, expert_idx: Tensor, keep: Tensor | None, weights: Tensor) -> Tensor:
-        """Group the kept assignments (`keep` None: all) by expert with one stable argsort, gather their tokens
-        once, run each expert on its slice, and gather `weight * output` back to token order (dropped
-        assignments read a zero row). Returns [S, D] in the input dtype.
-
-        One token with one expert (a decoding step of one sequence) runs that expert directly: no sort, no
-        count, no copy.
-
-        The way back is a gather with the inverse permutation rather than `index_add_`: the same result
-        and cost order, but CPU `index_add_` slows down badly when the cores are shared."""
-        num_tokens, top_k = expert_idx.shape
-        if num_tokens == 1 and top_k == 1 and keep is None:
-            expert = self.experts[int(expert_idx)]
-            return expert(x.unsqueeze(0)).squeeze(0) * weights.to(x.dtype)
-        if keep is None and top_k == 1:
-            return self._dispatch_all_kept(x, expert_idx[:, 0], weights[:, 0])
-        bucket = expert_idx if keep is None else torch.where(keep, expert_idx, self.num_experts)
-        bucket = bucket.reshape(-1)  # (S*K,), dropped -> E
-        order = torch.argsort(bucket, stable=True)
-        counts = torch.bincount(bucket, minlength=self.num_experts + 1).tolist()  # the one host sync
-        num_kept = num_tokens * top_k - counts[-1]
-        kept = order[:num_kept]
-        x_sorted = x.index_select(0, kept // top_k)  # (N_kept, D)
-        w_sorted = weights.reshape(-1).index_select(0, kept).to(x.dtype)[:, None]
-        pieces = [
-            expert(xs.unsqueeze(0)).squeeze(0) * ws
-            for expert, xs, ws in zip(
-                self.experts, x_sorted.split(counts[:-1]), w_sorted.split(counts[:-1]), strict=True
-            )
-            if len(xs)
-        ]
-        pieces.append(x.new_zeros(1, x.shape[1]))  # row N_kept: what dropped assignments receive
-        position = torch.full_like(order, num_kept)
-        position[kept] = torch.arange(num_kept, device=order.device)  # (S*K,) row of each assignment
-        out = torch.cat(pieces).index_select(0, position)  # (S*K, D)
-        return out if top_k == 1 else out.view(num_tokens, top_k, -1).sum(dim=1)
-
-    def _dispatch_all_kept(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
-        """`_dispatch` for top-1 routing with nothing dropped (eval mode): every token has exactly one expert,
-        so each expert's weighted output is copied straight to its tokens' rows (one sort and one count, no
-        concatenation, no gather back). The experts see the same token groups, in the same order."""
-        order = torch.argsort(chosen, stable=True)
-        counts = torch.bincount(chosen, minlength=self.num_experts).tolist()  # the one host sync
-        out = torch.empty_like(x)
-        for expert, rows in zip(self.experts, order.split(counts), strict=True):
-            if len(rows):
-                ws = weights.index_select(0, rows).to(x.dtype)[:, None]
-                out.index_copy_(0, rows, expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0) * ws)
-        return out
 
     def _balance_loss(self, probs: Tensor, expert_idx: Tensor) -> Tensor:
         if self.balance_loss == "none" or self.allocation == "modality":
@@ -639,25 +545,3 @@ def validate_options(
         raise ConfigError(f"balance_loss={balance_loss!r} is unknown; choose one of {list(BALANCE_LOSSES)}.")
     if not modality_loss_coef >= 0:
         raise ConfigError(f"modality_loss_coef={modality_loss_coef} must be >= 0.")
-
-
-def _routing_stats(
-    expert_idx: Tensor,
-    keep: Tensor | None,
-    image_mask: Tensor,
-    num_experts: int,
-    capacity: int,
-    probs: Tensor,
-) -> RoutingStats:
-    """Count assignments per (modality, expert), routed and kept (`keep` None: all), with one bincount each."""
-    with torch.no_grad():
-        bucket = expert_idx + num_experts * (~image_mask)[:, None]  # image: e, text: E + e
-        routed = torch.bincount(bucket.reshape(-1), minlength=2 * num_experts)
-        if keep is None:  # every assignment kept
-            kept = routed
-        else:
-            kept_bucket = torch.where(keep, bucket, 2 * num_experts)
-            kept = torch.bincount(kept_bucket.reshape(-1), minlength=2 * num_experts + 1)
-        entropy = torch.special.entr(probs).sum(dim=-1).mean()
-    e = num_experts
-    return RoutingStats(routed[:e], routed[e:], kept[:e], kept[e : 2 * e], capacity, entropy.detach())

@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from eve_vlm.errors import CheckpointError, ConfigError, ImageTokenMismatchError
+from eve_vlm.model.base_view import base_view
 from eve_vlm.model.configuration import EveConfig, EvfConfig, resolve_placement
 from eve_vlm.model.decoder_layer import RoutingInputs, RoutingRecorder, evf_modules, insert_evf_layers
 from eve_vlm.model.evf import RoutingStats
@@ -304,8 +305,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 if bool(token_mask.all()):
                     token_mask = None
             kwargs["evf_routing"] = RoutingInputs(image_mask, has_image, token_mask, recorder)
-        with self._text_path_context(has_image):
-            out = self.language_model(
+        language_model = self._base_language_model(has_image) if recorder is None else None
+        with self._text_path_context(has_image) if language_model is None else nullcontext():
+            out = (language_model or self.language_model)(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -347,6 +349,17 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         per_row = partial(adapters_per_row, outside_evf, has_image)
         return self._kept_for_recompute(per_row, per_row)
 
+    def _base_language_model(self, has_image: torch.Tensor) -> nn.Module | None:
+        """For an inference call without any image: the base LLM's modules (`base_view`: the language model
+        without its LoRA and EVF layers, sharing its weights), which compute what the switched text path
+        computes with a Python call less per LoRA and EVF layer. None otherwise, or where no view can be built."""
+        if self.training or torch.is_grad_enabled() or bool(has_image.any()):
+            return None
+        view = self.__dict__.get("_base_view")
+        if view is None or not view.current():
+            view = self.__dict__["_base_view"] = base_view(self.language_model)
+        return view.module
+
     @contextmanager
     def _kept_for_recompute(
         self, switch: Callable[[], AbstractContextManager], recompute: Callable[[], AbstractContextManager]
@@ -384,8 +397,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def _forget_lora_layers(self) -> None:
-        """Clears the LoRA layer lists of the model and of its EVF layers (see `_lora_layers`)."""
+        """Clears the LoRA layer lists of the model and of its EVF layers (see `_lora_layers`) and the base view
+        (`_base_language_model`): the structure they were found in has changed."""
         self.__dict__.pop("_lora_layers_cache", None)
+        self.__dict__.pop("_base_view", None)
         for evf in self.evf_layers.values():
             evf.forget_lora_layers()
 
