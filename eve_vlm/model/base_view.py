@@ -36,16 +36,18 @@ class BaseView:
 
     Attributes:
         module: The view's root, or None.
-        slots: `(child dict of an original module, name, child)` for every child a copy or a replaced layer
-            held when the view was built.
+        child_dicts: The child dicts (`_modules`) of the originals of the copies and of the replaced layers.
+        children: Their `(name, child)` items when the view was built.
     """
 
     module: nn.Module | None
-    slots: list[tuple[dict, str, nn.Module | None]] = field(default_factory=list)
+    child_dicts: list[dict] = field(default_factory=list)
+    children: list[tuple] = field(default_factory=list)
 
     def current(self) -> bool:
-        """Whether every original module still holds the children the view was built from."""
-        return all(modules.get(name) is child for modules, name, child in self.slots)
+        """Whether every original module still holds the children the view was built from (one tuple
+        comparison per copied or replaced module: modules compare by identity)."""
+        return [tuple(d.items()) for d in self.child_dicts] == self.children
 
 
 class _NoView(Exception):
@@ -54,21 +56,21 @@ class _NoView(Exception):
 
 def base_view(language_model: nn.Module) -> BaseView:
     """The view of `language_model` without LoRA and EVF layers (see the module docstring)."""
-    slots: list[tuple[dict, str, nn.Module | None]] = []
+    child_dicts: list[dict] = []
 
     def view(module: nn.Module) -> nn.Module:
         if "forward" in module.__dict__ or module.__dict__.get("_compiled_call_impl") is not None:
             raise _NoView
         if isinstance(module, BaseTunerLayer):
-            slots.append((module._modules, "base_layer", module.base_layer))
+            child_dicts.append(module._modules)
             return view(module.base_layer)
         if isinstance(module, ElasticVisionFFN):
-            slots.append((module._modules, "language_ffn", module.language_ffn))
+            child_dicts.append(module._modules)
             return view(module.language_ffn)
         children = {name: None if child is None else view(child) for name, child in module._modules.items()}
         if all(children[name] is child for name, child in module._modules.items()):
             return module
-        slots.extend((module._modules, name, child) for name, child in module._modules.items())
+        child_dicts.append(module._modules)
         clone = copy.copy(module)
         clone.__dict__["_modules"] = children
         if isinstance(clone, EvfDecoderLayer):
@@ -76,6 +78,7 @@ def base_view(language_model: nn.Module) -> BaseView:
         return clone
 
     try:
-        return BaseView(view(language_model), slots)
+        root = view(language_model)
+        return BaseView(root, child_dicts, [tuple(d.items()) for d in child_dicts])
     except _NoView:
         return BaseView(None)

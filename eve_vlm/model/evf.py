@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +65,27 @@ class Router(nn.Linear):
             return F.linear(x.float(), self.weight.float())
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float())
+
+
+class Binding:
+    """The context manager `ElasticVisionFFN.bind` returns: sets the EVF's bound routing inputs on entry and
+    puts the previous ones back on exit. A plain class writing the instance dict (not a generator through
+    `nn.Module.__setattr__`): it runs twice per EVF layer and decoding step."""
+
+    __slots__ = ("evf", "previous", "value")
+
+    def __init__(self, evf: ElasticVisionFFN, value: tuple[RoutingInputs, int] | None) -> None:
+        self.evf = evf
+        self.value = value
+        self.previous = None
+
+    def __enter__(self) -> None:
+        state = self.evf.__dict__
+        self.previous = state["_bound"]
+        state["_bound"] = self.value
+
+    def __exit__(self, *exc) -> None:
+        self.evf.__dict__["_bound"] = self.previous
 
 
 @dataclass
@@ -327,16 +346,10 @@ class ElasticVisionFFN(nn.Module):
         """The routing inputs bound for the current call (`bind`), or None outside one."""
         return None if self._bound is None else self._bound[0]
 
-    @contextmanager
-    def bind(self, inputs: RoutingInputs | None, layer_idx: int) -> Iterator[None]:
-        """Makes `inputs` the routing inputs of the `forward` calls inside the block (`layer_idx` keys the
+    def bind(self, inputs: RoutingInputs | None, layer_idx: int) -> Binding:
+        """Makes `inputs` the routing inputs of the `forward` calls inside the `with` block (`layer_idx` keys the
         recorded output); the previous binding is restored on exit."""
-        previous = self._bound
-        self._bound = None if inputs is None else (inputs, layer_idx)
-        try:
-            yield
-        finally:
-            self._bound = previous
+        return Binding(self, None if inputs is None else (inputs, layer_idx))
 
     def route(
         self,

@@ -282,6 +282,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                     "rows whose prompt held an image (model.generate does this itself)."
                 )
             has_image = image_mask.any(dim=1)
+        any_image = bool(has_image.any())  # the one host read of it
 
         image_features = None
         if pixel_values is not None:
@@ -294,7 +295,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
 
         recorder = None
         record = self.training if output_routing is None else output_routing
-        if self.config.evf is not None and (record or bool(has_image.any())):
+        if self.config.evf is not None and (record or any_image):
             # Without an image and with nothing to record, nothing is bound: each EVF layer is its language FFN.
             recorder = RoutingRecorder() if record else None
             # Padding (attention_mask 0 at the new positions) takes the language FFN and is never routed.
@@ -305,7 +306,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 if bool(token_mask.all()):
                     token_mask = None
             kwargs["evf_routing"] = RoutingInputs(image_mask, has_image, token_mask, recorder)
-        language_model = self._base_language_model(has_image) if recorder is None else None
+        language_model = None if recorder is not None or any_image else self._base_language_model()
         with self._text_path_context(has_image) if language_model is None else nullcontext():
             out = (language_model or self.language_model)(
                 inputs_embeds=inputs_embeds,
@@ -349,11 +350,12 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         per_row = partial(adapters_per_row, outside_evf, has_image)
         return self._kept_for_recompute(per_row, per_row)
 
-    def _base_language_model(self, has_image: torch.Tensor) -> nn.Module | None:
+    def _base_language_model(self) -> nn.Module | None:
         """For an inference call without any image: the base LLM's modules (`base_view`: the language model
         without its LoRA and EVF layers, sharing its weights), which compute what the switched text path
-        computes with a Python call less per LoRA and EVF layer. None otherwise, or where no view can be built."""
-        if self.training or torch.is_grad_enabled() or bool(has_image.any()):
+        computes with a Python call less per LoRA and EVF layer. None when training or computing gradients,
+        or where no view can be built."""
+        if self.training or torch.is_grad_enabled():
             return None
         view = self.__dict__.get("_base_view")
         if view is None or not view.current():
