@@ -66,11 +66,12 @@ class RoutingStats:
 
 
 def dispatch(
-    experts: Sequence[nn.Module], x: Tensor, expert_idx: Tensor, keep: Tensor | None, weights: Tensor
+    experts: Sequence[nn.Module], x: Tensor, expert_idx: Tensor, keep: Tensor | None, weights: Tensor | None
 ) -> Tensor:
     """Group the kept assignments (`keep` None: all) by expert with one stable argsort, gather their tokens
     once, run each expert on its slice, and gather `weight * output` back to token order (dropped
-    assignments read a zero row). Returns [S, D] in the input dtype.
+    assignments read a zero row; `weights` None: every weight is 1, nothing is multiplied). Returns [S, D] in
+    the input dtype.
 
     One token with one expert (a decoding step of one sequence) runs that expert directly: no sort, no
     count, no copy.
@@ -79,10 +80,12 @@ def dispatch(
     and cost order, but CPU `index_add_` slows down badly when the cores are shared."""
     num_tokens, top_k = expert_idx.shape
     if num_tokens == 1 and top_k == 1 and keep is None:
-        expert = experts[int(expert_idx)]
-        return expert(x.unsqueeze(0)).squeeze(0) * weights.to(x.dtype)
+        out = experts[int(expert_idx)](x.unsqueeze(0)).squeeze(0)
+        return out if weights is None else out * weights.to(x.dtype)
     if keep is None and top_k == 1:
-        return dispatch_all_kept(experts, x, expert_idx[:, 0], weights[:, 0])
+        return dispatch_all_kept(experts, x, expert_idx[:, 0], None if weights is None else weights[:, 0])
+    if weights is None:
+        weights = x.new_ones(expert_idx.shape)
     bucket = expert_idx if keep is None else torch.where(keep, expert_idx, len(experts))
     bucket = bucket.reshape(-1)  # (S*K,), dropped -> E
     order = torch.argsort(bucket, stable=True)
@@ -105,17 +108,22 @@ def dispatch(
     return out if top_k == 1 else out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def dispatch_all_kept(experts: Sequence[nn.Module], x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+def dispatch_all_kept(
+    experts: Sequence[nn.Module], x: Tensor, chosen: Tensor, weights: Tensor | None
+) -> Tensor:
     """`dispatch` for top-1 routing with nothing dropped (eval mode): every token has exactly one expert,
-    so each expert's weighted output is copied straight to its tokens' rows (one sort and one count, no
-    concatenation, no gather back). The experts see the same token groups, in the same order."""
+    so each expert's weighted output (`weights` None: the output as it is) is copied straight to its tokens'
+    rows (one sort and one count, no concatenation, no gather back). The experts see the same token groups,
+    in the same order."""
     order = torch.argsort(chosen, stable=True)
     counts = torch.bincount(chosen, minlength=len(experts)).tolist()  # the one host sync
     out = torch.empty_like(x)
     for expert, rows in zip(experts, order.split(counts), strict=True):
         if len(rows):
-            ws = weights.index_select(0, rows).to(x.dtype)[:, None]
-            out.index_copy_(0, rows, expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0) * ws)
+            y = expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0)
+            if weights is not None:
+                y = y * weights.index_select(0, rows).to(x.dtype)[:, None]
+            out.index_copy_(0, rows, y)
     return out
 
 

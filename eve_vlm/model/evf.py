@@ -486,9 +486,11 @@ class ElasticVisionFFN(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(num_assignments, self.num_experts, factor, self.min_capacity)
 
-    def _combine_weights(self, weights: Tensor) -> Tensor:
-        if self.combine == "hard":
-            return torch.ones_like(weights)
+    def _combine_weights(self, weights: Tensor) -> Tensor | None:
+        """The weights of the experts' outputs; None where every weight is 1 and carries no gradient (`hard`,
+        and `straight_through` without gradients), so the outputs are not multiplied at all."""
+        if self.combine == "hard" or (self.combine == "straight_through" and not torch.is_grad_enabled()):
+            return None
         if self.combine == "straight_through":
             return weights / weights.detach()
         if self.top_k > 1:
