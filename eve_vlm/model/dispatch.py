@@ -80,8 +80,8 @@ def dispatch(
     and cost order, but CPU `index_add_` slows down badly when the cores are shared."""
     num_tokens, top_k = expert_idx.shape
     if num_tokens == 1 and top_k == 1 and keep is None:
-        out = experts[int(expert_idx)](x.unsqueeze(0)).squeeze(0)
-        return out if weights is None else out * weights.to(x.dtype)
+        out = experts[int(expert_idx)](x.unsqueeze(0)).squeeze(0)  # bf16 under autocast
+        return out.to(x.dtype) if weights is None else out * weights.to(x.dtype)
     if keep is None and top_k == 1:
         return dispatch_all_kept(experts, x, expert_idx[:, 0], None if weights is None else weights[:, 0])
     if weights is None:
@@ -120,7 +120,7 @@ def dispatch_all_kept(
     out = torch.empty_like(x)
     for expert, rows in zip(experts, order.split(counts), strict=True):
         if len(rows):
-            y = expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0)
+            y = expert(x.index_select(0, rows).unsqueeze(0)).squeeze(0).to(x.dtype)  # bf16 under autocast
             if weights is not None:
                 y = y * weights.index_select(0, rows).to(x.dtype)[:, None]
             out.index_copy_(0, rows, y)

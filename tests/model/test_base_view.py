@@ -109,3 +109,18 @@ def test_no_view_is_built_over_hooked_or_compiled_modules():
     other, _ = stage3()
     other.language_model.model.layers[0].mlp.compile()
     assert base_view(other.language_model).module is None
+
+
+def test_expert_outputs_under_autocast_come_back_in_the_input_dtype():
+    """Unweighted expert outputs (straight-through at inference) are bf16 under autocast; the EVF returns the
+    dtype of its fp32 input, as it did when every output was multiplied by an fp32 weight."""
+    model = tiny_model()
+    model.add_elastic_vision_ffns("alternate", allocation="img_gbpr", combine="straight_through")
+    model.eval()
+    ids, pixels = image_batch(model.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        generated = model.generate(
+            input_ids=ids[:1], pixel_values=pixels[:1], max_new_tokens=3, do_sample=False
+        )
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+    assert generated.shape[1] == ids.shape[1] + 3 and torch.isfinite(logits.float()).all()
