@@ -58,6 +58,22 @@ class EachTime(AbstractContextManager):
         return self.entered.pop().__exit__(*exc)
 
 
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits a loss on `labels` needs, and the targets there.
+
+    Args:
+        labels: (B, T) targets, -100 where ignored (unshifted, as causal LMs take them).
+
+    Returns:
+        `(positions, shift_labels)`: (K,) sorted positions p whose next token `labels[:, p + 1]` is a target in
+        at least one row (one set for the batch, as transformers' `logits_to_keep` takes it), and the (B, K)
+        targets of those positions, -100 where a row has none there.
+    """
+    following = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    positions = (following != -100).any(dim=0).nonzero().squeeze(1)
+    return positions, following[:, positions]
+
+
 @dataclass
 class EveCausalLMOutput(CausalLMOutputWithPast):
     """Output of `EveForConditionalGeneration.forward`: transformers' causal-LM output plus Eve's fields.
@@ -65,7 +81,8 @@ class EveCausalLMOutput(CausalLMOutputWithPast):
     Attributes:
         loss: CE + aux_loss_coef * aux_loss (+ the weighted modality routing loss of EVF layers that use one)
             when labels are given.
-        logits: (B, T, V) next-token logits.
+        logits: (B, T, V) next-token logits; (B, K, V) at the K positions kept by `logits_to_keep` (in training
+            with labels, by default only the positions whose next token is a target).
         past_key_values / cache: The KV cache when `use_cache`, under the name of the installed transformers
             (`cache` from 5.24, which still reads `past_key_values`).
         aux_loss: Sum of the EVF layers' balance losses (0 without EVF layers or when routing is not recorded).
@@ -260,6 +277,11 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 image prompt keep the multimodal path (LoRA on, EVF routing) although new tokens are text.
             labels: (B, T) targets, -100 where ignored (placeholder positions are always ignored); shifted
                 inside like transformers' causal LMs.
+            logits_to_keep: As in transformers' causal LMs: 0 keeps every position, an int N the last N, a 1D
+                tensor those positions. With labels in training mode, 0 keeps only the positions whose next
+                token is a target in some row of the batch (`label_positions`): the LM head and the loss skip
+                the rest (images, questions, padding), which gives the same loss for a fraction of the
+                head's cost; `logits` then holds those positions only.
             output_routing: Record the EVF layers' routing: `routing` (per-layer statistics) and `aux_loss`.
                 Default: in training mode (the balance loss is part of the loss), not in eval mode, where the
                 EVF layers then compute only their outputs (as transformers' MoE models leave
@@ -306,6 +328,11 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 if bool(token_mask.all()):
                     token_mask = None
             kwargs["evf_routing"] = RoutingInputs(image_mask, has_image, token_mask, recorder)
+        shift_labels = None
+        if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            if self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+                logits_to_keep, shift_labels = label_positions(labels)
         language_model = None if recorder is not None or any_image else self._base_language_model()
         with self._text_path_context(has_image) if language_model is None else nullcontext():
             out = (language_model or self.language_model)(
@@ -319,9 +346,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         aux_loss, routing, router_loss = self._collect_routing(recorder, inputs_embeds)
         loss = None
         if labels is not None:
-            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            targets = {"labels": labels} if shift_labels is None else {"labels": None, "shift_labels": shift_labels}
             loss = self.language_model.loss_function(
-                logits=out.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
+                logits=out.logits, vocab_size=self.config.text_config.vocab_size, **targets
             )
             if self.config.evf is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss

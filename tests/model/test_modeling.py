@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from eve_vlm.errors import CheckpointError, ConfigError, ImageSizeError, ImageTokenMismatchError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration
 from eve_vlm.model.decoder_layer import EvfDecoderLayer
+from eve_vlm.model.modeling import label_positions
 from eve_vlm.model.params import parameter_counts
 
 
@@ -23,7 +24,10 @@ def test_forward_loss_backward_generate(family, tower, projector):
     model.train()
     ids, pixels = image_batch(model.config)
     out = model(input_ids=ids, pixel_values=pixels, labels=ids)
-    assert out.logits.shape == (*ids.shape, model.config.text_config.vocab_size)
+    # Training with labels: logits at the positions whose next token is a target (not the image's).
+    kept = len(label_positions(ids.masked_fill(ids == model.config.image_token_id, -100))[0])
+    assert kept < ids.shape[1]
+    assert out.logits.shape == (ids.shape[0], kept, model.config.text_config.vocab_size)
     assert torch.isfinite(out.loss) and out.aux_loss > 0
     assert sorted(out.routing) == [0, 2]
     out.loss.backward()
