@@ -346,7 +346,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         aux_loss, routing, router_loss = self._collect_routing(recorder, inputs_embeds)
         loss = None
         if labels is not None:
-            targets = {"labels": labels} if shift_labels is None else {"labels": None, "shift_labels": shift_labels}
+            targets = (
+                {"labels": labels} if shift_labels is None else {"labels": None, "shift_labels": shift_labels}
+            )
             loss = self.language_model.loss_function(
                 logits=out.logits, vocab_size=self.config.text_config.vocab_size, **targets
             )
