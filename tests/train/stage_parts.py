@@ -2,6 +2,9 @@
 over coloured images (`build_parts`, which each test module wraps in a module fixture), and `recipe`, which writes and loads one stage's recipe."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -110,3 +113,12 @@ def recipe(parts, tmp_path, stage, evf=None, model=None, **training):
     path = tmp_path / f"stage{stage}.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_recipe(path)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 --standalone ARGS` on CPU (one OpenMP thread per process), checked to exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

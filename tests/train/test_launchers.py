@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from stage_parts import build_parts, recipe
+from stage_parts import build_parts, recipe, torchrun
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveForConditionalGeneration
@@ -20,30 +20,9 @@ def parts(tmp_path_factory):
 
 def test_torchrun_ddp_two_processes(parts, tmp_path):
     """`torchrun --nproc_per_node 2 -m eve_vlm.cli train RECIPE` runs DDP on CPU (gloo) and saves once."""
-    import os
-    import subprocess
-    import sys
-
     run_stage(recipe(parts, tmp_path, 1, max_steps=2))
-    path = recipe(
-        parts, tmp_path, 2, max_steps=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "ddp")
-    )
-    del path
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        "-m",
-        "eve_vlm.cli",
-        "train",
-        str(tmp_path / "stage2.yaml"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recipe(parts, tmp_path, 2, max_steps=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "ddp"))
+    proc = torchrun("-m", "eve_vlm.cli", "train", str(tmp_path / "stage2.yaml"))
     assert "'world_size': 2" in proc.stdout or "world size 2" in proc.stdout
     summary = json.loads((tmp_path / "ddp" / "eve_training.json").read_text())
     assert summary["steps"] == 3
@@ -76,34 +55,19 @@ with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.json", "w") as f:
 def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(parts, tmp_path):
     """Under `torchrun --nproc_per_node 2` (gloo, CPU) only the main process encodes, the other reads the
     cache; both see the same number of batches, of different rows; the resumed run encodes nothing."""
-    import os
-    import subprocess
-    import sys
-
     run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
     recipe(parts, tmp_path, 2, max_steps=2, save_steps=2, per_device_train_batch_size=4)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-    def torchrun(tag, *overrides):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-        ]
-        cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / tag), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    def run_ranks(tag, *overrides):
+        torchrun(str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / tag), *overrides)
         return [json.loads((tmp_path / f"{tag}-rank{r}.json").read_text()) for r in (0, 1)]
 
     def cache_lines(ranks, word):
         return [any(line.startswith(f"data cache: {word}") for line in rank["log"]) for rank in ranks]
 
-    first = torchrun("first")
+    first = run_ranks("first")
     assert cache_lines(first, "encoding") == [True, False]
     assert cache_lines(first, "reading") == [False, True]
     batches = [rank["batches"] for rank in first]
@@ -111,7 +75,7 @@ def test_torchrun_two_processes_encode_once_and_a_resumed_run_reads_the_cache(pa
     assert batches[0] != batches[1] and set(sum(batches[0], [])) != set(sum(batches[1], []))
     assert len(list((tmp_path / "data-cache").iterdir())) == 2  # stage 1's captions, stage 2's conversations
 
-    resumed = torchrun("resumed", "training.max_steps=3")
+    resumed = run_ranks("resumed", "training.max_steps=3")
     assert cache_lines(resumed, "encoding") == [False, False]
     assert cache_lines(resumed, "reading") == [True, True]
     assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in resumed[0]["log"])
@@ -140,10 +104,6 @@ def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tm
     projector no gradient: DDP must be told (`find_unused_parameters`, decided from the model), or the step
     after such a batch fails. Two epochs under `torchrun --nproc_per_node 2` (gloo) finish and save weights that
     reload with `from_pretrained` equal to every rank's final state."""
-    import os
-    import subprocess
-    import sys
-
     run_stage(recipe(parts, tmp_path, 1, max_steps=2), log=lambda line: None)
     full = recipe(parts, tmp_path, 2, max_steps=14, per_device_train_batch_size=4, learning_rate=1e-4)
     data = yaml.safe_load((tmp_path / "stage2.yaml").read_text())
@@ -153,11 +113,7 @@ def test_full_llm_stage2_with_text_only_rows_trains_under_torchrun_ddp(parts, tm
     del full
     script = tmp_path / "final_state.py"
     script.write_text(FINAL_STATE_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    cmd += [str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / "final")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(str(script), str(tmp_path / "stage2.yaml"), str(tmp_path / "final"))
     assert "dropped" not in proc.stdout and "8 text-only" in proc.stdout
     summary = json.loads((tmp_path / "stage2" / "eve_training.json").read_text())
     assert summary["steps"] == 14
