@@ -1,0 +1,135 @@
+"""Stage 3 against the longer-stage-2 control over training seeds, from one quickstart's stage 2.
+
+The quickstart report compares one stage 3 with one control, each a single training run, with the standard
+error of sampling questions; it says nothing of how much a second training run of either would move. This
+trains the quickstart's stage 3 (`recipes/quickstart/stage3.yaml`) and its control (stage 2 continued for as
+many steps, same data; `control_overrides` in `eve_vlm/quickstart.py`) again with other `training.seed`
+values, from the stage 2 of an earlier `eve quickstart`, and evaluates each on the quickstart's easy-VQA
+questions (the same rows, bf16 autocast, greedy, as `eve quickstart`). The seed changes the order of the
+training data and the batches the routers' warm start is fitted on (the vision FFNs start as copies of the
+language FFNs whatever the seed). The quickstart's own stage 3 and control (the recipe's seed) are read from
+their records and counted as one seed.
+
+    python benchmarks/stage3_seeds.py --quickstart runs/quickstart --seeds 2 3
+
+Output: one JSON line per seed (accuracy of stage 3 and control, paired differences to each other and to stage
+2 with the standard error over questions), then one summary line (mean over seeds and the standard error of
+that mean across seeds). Trained models go to `--out`. Needs the default parts (`eve prepare`) and a finished
+`eve quickstart`; timing is the machine's: run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eve_vlm.assets import prepare  # noqa: E402
+from eve_vlm.quickstart import (  # noqa: E402
+    RECORD,
+    Evaluator,
+    Run,
+    control_overrides,
+    recipes_dir,
+    stage_overrides,
+)
+from eve_vlm.train.recipe import load_recipe  # noqa: E402
+from eve_vlm.train.stages import run_stage  # noqa: E402
+
+
+def per_question(metrics: dict) -> dict[str, float]:
+    """Question id -> accuracy in points (0-100), from a VQA evaluation's predictions."""
+    return {p["id"]: 100.0 * float(p["accuracy"]) for p in metrics["vqa"]["predictions"]}
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Mean difference a - b over the questions both answered, with its standard error."""
+    diffs = [a[k] - b[k] for k in a if k in b]
+    return {
+        "difference": round(statistics.fmean(diffs), 3),
+        "se": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 3),
+        "questions": len(diffs),
+    }
+
+
+def mean(values: list[float]) -> float:
+    return round(statistics.fmean(values), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quickstart", default="runs/quickstart", help="folder of a finished eve quickstart")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="training seeds to add")
+    parser.add_argument("--out", default="runs/stage3_seeds")
+    parser.add_argument("--vqa-limit", type=int, default=2000)
+    args = parser.parse_args()
+    qs, out = Path(args.quickstart).resolve(), Path(args.out).resolve()
+    records = {name: json.loads((qs / name / RECORD).read_text()) for name in ("stage2", "control", "stage3")}
+    stage2 = per_question(records["stage2"]["metrics"])
+    stage3_recipe = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, qs, False))
+    evaluate = Evaluator(prepare(log=lambda *_: None)["paths"], args.vqa_limit, 1, 1, 1)
+
+    def train_and_score(name: str, stage: int, overrides: list[str]) -> tuple[dict[str, float], float]:
+        model_dir = out / name
+        recipe = load_recipe(
+            recipes_dir() / f"stage{stage}.yaml", [*overrides, f"training.output_dir={model_dir}"]
+        )
+        start = time.time()
+        run_stage(recipe, log=lambda *_: None)
+        seconds = time.time() - start
+        metrics, _ = evaluate(Run(name, stage, (), None, language=False), model_dir, out)
+        return per_question(metrics), seconds
+
+    rows = [
+        {
+            "seed": stage3_recipe.training.seed,
+            "stage3": per_question(records["stage3"]["metrics"]),
+            "control": per_question(records["control"]["metrics"]),
+        }
+    ]
+    for seed in args.seeds:
+        stage3, s3_seconds = train_and_score(
+            f"stage3-seed{seed}", 3, [*stage_overrides(3, qs, False), f"training.seed={seed}"]
+        )
+        control, c_seconds = train_and_score(
+            f"control-seed{seed}", 2, [*control_overrides(qs, False, stage3_recipe), f"training.seed={seed}"]
+        )
+        rows.append({"seed": seed, "stage3": stage3, "control": control, "train_s": [s3_seconds, c_seconds]})
+    summary: dict[str, list[float]] = {"stage3": [], "control": [], "stage3-control": [], "stage3-stage2": []}
+    for row in rows:
+        line = {
+            "seed": row["seed"],
+            "stage2": mean(list(stage2.values())),
+            "stage3": mean(list(row["stage3"].values())),
+            "control": mean(list(row["control"].values())),
+            "stage3-control": paired(row["stage3"], row["control"]),
+            "stage3-stage2": paired(row["stage3"], stage2),
+            "control-stage2": paired(row["control"], stage2),
+        }
+        if "train_s" in row:
+            line["train_s"] = [round(s) for s in row["train_s"]]
+        print(json.dumps(line), flush=True)
+        for key in ("stage3", "control"):
+            summary[key].append(line[key])
+        for key in ("stage3-control", "stage3-stage2"):
+            summary[key].append(line[key]["difference"])
+    print(
+        json.dumps(
+            {
+                "seeds": [row["seed"] for row in rows],
+                **{
+                    key: {"mean": mean(v), "se_across_seeds": round(statistics.stdev(v) / len(v) ** 0.5, 3)}
+                    for key, v in summary.items()
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
