@@ -69,6 +69,17 @@ def main() -> None:
     parser.add_argument("--vqa-limit", type=int, default=2000)
     args = parser.parse_args()
     qs, out = Path(args.quickstart).resolve(), Path(args.out).resolve()
+    missing = [
+        str(qs / name / RECORD)
+        for name in ("stage2", "control", "stage3")
+        if not (qs / name / RECORD).is_file()
+    ]
+    if missing:
+        print(
+            f"{', '.join(missing)} not found: run `eve quickstart --out {args.quickstart}` first.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     records = {name: json.loads((qs / name / RECORD).read_text()) for name in ("stage2", "control", "stage3")}
     stage2 = per_question(records["stage2"]["metrics"])
     stage3_recipe = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, qs, False))
