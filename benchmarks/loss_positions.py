@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,9 +29,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stage_step import environment  # noqa: E402
 
 from eve_vlm.model.modeling import label_positions  # noqa: E402
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
@@ -96,10 +96,7 @@ def main() -> None:
                     abs(a - b) for a, b in zip(losses[True], losses[False], strict=True)
                 ),
                 "rounds_timed": args.rounds - 1,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "transformers": transformers.__version__,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                **environment(),
             }
         )
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import prepare  # noqa: E402
+from eve_vlm.eval.vqa import paired_difference  # noqa: E402
 from eve_vlm.quickstart import (  # noqa: E402
     RECORD,
     Evaluator,
@@ -42,19 +43,10 @@ from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
 
 
-def per_question(metrics: dict) -> dict[str, float]:
-    """Question id -> accuracy in points (0-100), from a VQA evaluation's predictions."""
-    return {p["id"]: 100.0 * float(p["accuracy"]) for p in metrics["vqa"]["predictions"]}
-
-
-def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Mean difference a - b over the questions both answered, with its standard error."""
-    diffs = [a[k] - b[k] for k in a if k in b]
-    return {
-        "difference": round(statistics.fmean(diffs), 3),
-        "se": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 3),
-        "questions": len(diffs),
-    }
+def paired(a: dict, b: dict) -> dict:
+    """Accuracy of VQA result `a` minus that of `b` on the same questions, with its standard error (points)."""
+    d = paired_difference(a["predictions"], b["predictions"])
+    return {"difference": round(d["difference"], 3), "se": round(d["stderr"], 3), "questions": d["questions"]}
 
 
 def mean(values: list[float]) -> float:
@@ -81,11 +73,11 @@ def main() -> None:
         )
         sys.exit(2)
     records = {name: json.loads((qs / name / RECORD).read_text()) for name in ("stage2", "control", "stage3")}
-    stage2 = per_question(records["stage2"]["metrics"])
+    stage2 = records["stage2"]["metrics"]["vqa"]
     stage3_recipe = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, qs, False))
     evaluate = Evaluator(prepare(log=lambda *_: None)["paths"], args.vqa_limit, 1, 1, 1)
 
-    def train_and_score(name: str, stage: int, overrides: list[str]) -> tuple[dict[str, float], float]:
+    def train_and_score(name: str, stage: int, overrides: list[str]) -> tuple[dict, float]:
         model_dir = out / name
         recipe = load_recipe(
             recipes_dir() / f"stage{stage}.yaml", [*overrides, f"training.output_dir={model_dir}"]
@@ -94,13 +86,13 @@ def main() -> None:
         run_stage(recipe, log=lambda *_: None)
         seconds = time.time() - start
         metrics, _ = evaluate(Run(name, stage, (), None, language=False), model_dir, out)
-        return per_question(metrics), seconds
+        return metrics["vqa"], seconds
 
     rows = [
         {
             "seed": stage3_recipe.training.seed,
-            "stage3": per_question(records["stage3"]["metrics"]),
-            "control": per_question(records["control"]["metrics"]),
+            "stage3": records["stage3"]["metrics"]["vqa"],
+            "control": records["control"]["metrics"]["vqa"],
         }
     ]
     for seed in args.seeds:
@@ -115,9 +107,9 @@ def main() -> None:
     for row in rows:
         line = {
             "seed": row["seed"],
-            "stage2": mean(list(stage2.values())),
-            "stage3": mean(list(row["stage3"].values())),
-            "control": mean(list(row["control"].values())),
+            "stage2": round(stage2["accuracy"], 3),
+            "stage3": round(row["stage3"]["accuracy"], 3),
+            "control": round(row["control"]["accuracy"], 3),
             "stage3-control": paired(row["stage3"], row["control"]),
             "stage3-stage2": paired(row["stage3"], stage2),
             "control-stage2": paired(row["control"], stage2),

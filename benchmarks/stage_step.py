@@ -47,6 +47,16 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def environment() -> dict:
+    """The versions and machine a timing was taken with, for a benchmark's JSON line."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=1)
@@ -79,10 +89,7 @@ def main() -> None:
                 "steps_timed": len(timed),
                 "s_per_step_median": round(statistics.median(timed), 3),
                 "s_per_step_min": round(min(timed), 3),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "transformers": transformers.__version__,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                **environment(),
             }
         )
     )
