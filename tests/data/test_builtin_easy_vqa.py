@@ -98,6 +98,7 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
         "captions": 1,  # image 1 only rules out a circle: nothing to say
         "dialogues": 2,  # one conversation per train image (fewer than DIALOGUE_TURNS questions each)
         "dialogues_balanced": 1,  # the two "no" answers have no "yes" of their form to balance them: dropped
+        "dialogues_open": 1,  # image 1 was asked yes/no questions only
         "test_images": 1,
         "test_questions": 1,
         "test_shape": 0,
@@ -117,7 +118,10 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
         {"from": "human", "value": "<image>\nWhat is the red shape? Answer with one word."},
         {"from": "gpt", "value": "circle"},
     ]
-    for name in ("captions", "train", "train_dialogues", "train_dialogues_balanced", "test"):
+    dialogues = json.loads((out / "train_dialogues_open.json").read_text())
+    assert [d["conversations"][1::2] for d in dialogues] == [[{"from": "gpt", "value": "circle"}]]
+    assert dialogues[0]["image"] == "images/train/0.png"
+    for name in ("captions", "train", "train_dialogues", "train_dialogues_balanced", "train_dialogues_open", "test"):
         rows = load_rows([DataSource(str(out / f"{name}.json"))]).rows
         assert all(r.image and r.image.endswith(".png") for r in rows)
     first = (out / "train.json").read_bytes()
@@ -147,6 +151,10 @@ def test_real_easy_vqa_counts(tmp_path):
     replies = Counter(t["value"] for d in dialogues for t in d["conversations"][1::2])
     assert replies["yes"] == replies["no"] and replies["circle"] > 1000
     assert counts["test_shape"] + counts["test_color"] + counts["test_yes-no"] == 9673
+    dialogues = json.loads((tmp_path / "train_dialogues_open.json").read_text())
+    replies = Counter(t["value"] for d in dialogues for t in d["conversations"][1::2])
+    assert not replies["yes"] and not replies["no"]
+    assert sum(replies.values()) == sum(a not in ("yes", "no") for a in answers)  # each open question once
     assert len(list((tmp_path / "images" / "train").iterdir())) == 4000
     test = json.loads((tmp_path / "test.json").read_text())
     assert {r["question_type"] for r in test} == {"shape", "color", "yes-no"}

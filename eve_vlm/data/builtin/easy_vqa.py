@@ -28,7 +28,10 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
   looking at the image, and a small model trained on the raw mix learns exactly that. Here, for each form
   (plain or negated, colour or shape), the majority answer's questions are subsampled (seeded) to the
   minority answer's count, which takes that shortcut away (at the quickstart's budget the model then answers
-  yes/no questions at chance, so the quickstart trains on the raw mix);
+  yes/no questions at chance, so the quickstart's stage 2 trains on the raw mix);
+- `train_dialogues_open.json`: the same with the shape and colour questions only (no yes/no), whose answer
+  is read from the image rather than guessed from the question's form; the quickstart's stage 3 (and its
+  control) train on it;
 - `test.json`: evaluation only (never trained on), the same rows for the test split;
 - `images/{train,test}/<id>.png`: copies of the package's images.
 
@@ -167,14 +170,29 @@ def balanced_yes_no(questions, answers, seed: int = 0) -> list[int]:
     return sorted(keep)
 
 
+DIALOGUE_SETS = ("all", "balanced", "open")
+
+
+def dialogue_questions(questions, answers, kept: str) -> list[int]:
+    """Indices of the questions a dialogue file keeps: `all`, `balanced` (yes/no balanced per form, see
+    `balanced_yes_no`) or `open` (the shape and colour questions, no yes/no)."""
+    if kept == "all":
+        return list(range(len(questions)))
+    if kept == "balanced":
+        return balanced_yes_no(questions, answers)
+    if kept == "open":
+        return [k for k, answer in enumerate(answers) if question_type(answer) != "yes-no"]
+    raise ValueError(f"kept must be one of {DIALOGUE_SETS}, not {kept!r}")
+
+
 def dialogue_rows(
-    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, balanced: bool = False
+    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, kept: str = "all"
 ) -> list[dict]:
-    """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (with `balanced`, yes/no
-    balanced per form), shuffled with a seed of the image id, cut into conversations of at most `turns`
+    """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (those `kept`, see
+    `dialogue_questions`), shuffled with a seed of the image id, cut into conversations of at most `turns`
     question/answer turns; in image id order."""
     pairs = defaultdict(list)
-    for k in balanced_yes_no(questions, answers) if balanced else range(len(questions)):
+    for k in dialogue_questions(questions, answers, kept):
         pairs[image_ids[k]].append((questions[k], answers[k]))
     rows = []
     for image_id in sorted(pairs):
@@ -226,7 +244,7 @@ def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
-    """Writes captions.json, train.json, train_dialogues(_balanced).json, test.json and the images into `out_dir`.
+    """Writes captions.json, train.json, train_dialogues(_balanced, _open).json, test.json and the images into `out_dir`.
 
     Args:
         out_dir: Destination folder (created if missing).
@@ -260,8 +278,9 @@ def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
             captions = caption_rows(questions, answers, image_ids, image_path)
             write_json_rows(out / "captions.json", captions)
             counts["captions"] = len(captions)
-            for suffix, balanced in (("", False), ("_balanced", True)):
-                dialogues = dialogue_rows(questions, answers, image_ids, image_path, balanced=balanced)
+            for kept in DIALOGUE_SETS:
+                suffix = "" if kept == "all" else f"_{kept}"
+                dialogues = dialogue_rows(questions, answers, image_ids, image_path, kept=kept)
                 write_json_rows(out / f"train_dialogues{suffix}.json", dialogues)
                 counts[f"dialogues{suffix}"] = len(dialogues)
         else:
