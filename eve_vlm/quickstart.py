@@ -2,8 +2,8 @@
 
 1. `eve prepare` (idempotent): SmolLM2-135M-Instruct, DINOv2-S, easy-VQA, the language-evaluation sets.
 2. Stages 1 -> 2 -> 3 with `recipes/quickstart/stage{1,2,3}.yaml`, and a **control**: stage 2 continued from
-   its own result for as many steps, with the same data and seed, as stage 3 trains, so the report shows
-   whether stage 3 beats simply training stage 2 longer. Each model is evaluated: easy-VQA test accuracy on
+   its own result, on its own data, for as many steps and with the same seed as stage 3 trains, so the report
+   shows whether stage 3 beats simply training stage 2 longer. Each model is evaluated: easy-VQA test accuracy on
    the same `vqa_limit` questions (greedy, under bf16 autocast; with its standard error, and paired
    differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
    and multiple-choice accuracy next to the base LLM's (the delta must be 0.000: the elastic guarantee), and
@@ -119,14 +119,13 @@ def baseline_overrides(out: Path, smoke: bool) -> list[str]:
 
 
 def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
-    """Stage 2 continued from its own result for stage 3's steps, data and seed (its own learning rate and
-    trainable parameters: projector and LoRA)."""
+    """Stage 2 continued from its own result for stage 3's steps and seed, on stage 2's own data, learning rate
+    and trainable parameters (projector and LoRA): training stage 2 longer, the alternative to stage 3."""
     t = stage3.training
     overrides = stage_overrides(2, out, smoke, init_from=out / "stage2") + [
         f"training.output_dir={out / 'control'}",
         f"training.max_steps={t.max_steps}",
         f"training.seed={t.seed}",
-        "data.sources=" + json.dumps([asdict(s) for s in stage3.data.sources]),
     ]
     return overrides
 
@@ -191,8 +190,9 @@ class Evaluator:
         rows = load_vqa_rows(str(paths["easy_vqa_test"]), None)
         step = max(1, len(rows) // vqa_limit)
         self.vqa_rows = rows[::step][:vqa_limit]  # spread over the whole test split
-        # Routing is measured on conversations shaped as stages 2 and 3 train on (4 turns, an image is ~13% of
-        # the tokens): capacity and drops depend on that share, and a single test question has ~35%.
+        # Routing is measured on stage 2's conversations (all question types, up to 4 turns; an image is ~13%
+        # of the tokens): capacity and drops depend on that share, and a single test question has ~35%. Stage 3
+        # trains on the shape and colour questions only (~2.5 turns, a larger image share).
         source = DataSource(str(paths["easy_vqa_dialogues"]), None, 1.0)
         dialogues = load_rows([source], check_images=False).rows
         self.routing_rows = dialogues[:: max(1, len(dialogues) // routing_limit)][:routing_limit]

@@ -13,6 +13,7 @@ from eve_vlm.data.builtin.easy_vqa import (
     balanced_yes_no,
     build_easy_vqa,
     caption_for,
+    dialogue_questions,
     image_facts,
     question_facts,
     question_type,
@@ -121,7 +122,14 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
     dialogues = json.loads((out / "train_dialogues_open.json").read_text())
     assert [d["conversations"][1::2] for d in dialogues] == [[{"from": "gpt", "value": "circle"}]]
     assert dialogues[0]["image"] == "images/train/0.png"
-    for name in ("captions", "train", "train_dialogues", "train_dialogues_balanced", "train_dialogues_open", "test"):
+    for name in (
+        "captions",
+        "train",
+        "train_dialogues",
+        "train_dialogues_balanced",
+        "train_dialogues_open",
+        "test",
+    ):
         rows = load_rows([DataSource(str(out / f"{name}.json"))]).rows
         assert all(r.image and r.image.endswith(".png") for r in rows)
     first = (out / "train.json").read_bytes()
@@ -153,8 +161,9 @@ def test_real_easy_vqa_counts(tmp_path):
     assert counts["test_shape"] + counts["test_color"] + counts["test_yes-no"] == 9673
     dialogues = json.loads((tmp_path / "train_dialogues_open.json").read_text())
     replies = Counter(t["value"] for d in dialogues for t in d["conversations"][1::2])
-    assert not replies["yes"] and not replies["no"]
+    assert not replies["yes"] and not replies["no"] and len(dialogues) == counts["dialogues_open"]
     assert sum(replies.values()) == sum(a not in ("yes", "no") for a in answers)  # each open question once
+    assert max(len(d["conversations"]) for d in dialogues) == 2 * DIALOGUE_TURNS
     assert len(list((tmp_path / "images" / "train").iterdir())) == 4000
     test = json.loads((tmp_path / "test.json").read_text())
     assert {r["question_type"] for r in test} == {"shape", "color", "yes-no"}
@@ -173,3 +182,13 @@ def test_yes_no_balance_per_form():
     assert len(kept) == 5 and kept == sorted(kept)
     assert sum(answers[k] == "yes" for k in kept) == sum(answers[k] == "no" for k in kept) == 2
     assert balanced_yes_no(questions, answers, seed=1) == kept
+
+
+def test_dialogue_questions_keep_all_balanced_or_open():
+    questions = ["is there a red shape?", "what color is it?", "is there not a red shape?", "what shape?"]
+    answers = ["no", "red", "yes", "circle"]
+    assert dialogue_questions(questions, answers, "all") == [0, 1, 2, 3]
+    assert dialogue_questions(questions, answers, "open") == [1, 3]  # no yes/no question
+    assert dialogue_questions(questions, answers, "balanced") == [1, 3]  # one of each form: no pair to keep
+    with pytest.raises(ValueError, match="open"):
+        dialogue_questions(questions, answers, "yes-no")

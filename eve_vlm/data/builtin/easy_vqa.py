@@ -29,9 +29,9 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
   (plain or negated, colour or shape), the majority answer's questions are subsampled (seeded) to the
   minority answer's count, which takes that shortcut away (at the quickstart's budget the model then answers
   yes/no questions at chance, so the quickstart's stage 2 trains on the raw mix);
-- `train_dialogues_open.json`: the same with the shape and colour questions only (no yes/no), whose answer
-  is read from the image rather than guessed from the question's form; the quickstart's stage 3 (and its
-  control) train on it;
+- `train_dialogues_open.json`: the same with the shape and colour questions only (no yes/no), which the
+  question's form does not answer (an earlier turn of the conversation names the answer for about a fifth of
+  them, as in the other files); the quickstart's stage 3 trains on it;
 - `test.json`: evaluation only (never trained on), the same rows for the test split;
 - `images/{train,test}/<id>.png`: copies of the package's images.
 
@@ -49,12 +49,15 @@ import shutil
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal, get_args
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 CAPTION_PROMPT = "Describe the image in a few words."
 VQA_INSTRUCTION = "Answer with one word."
 DIALOGUE_TURNS = 4
+DialogueSet = Literal["all", "balanced", "open"]  # which questions a dialogue file keeps
+DIALOGUE_SETS: tuple[DialogueSet, ...] = get_args(DialogueSet)
 SPLITS = ("train", "test")
 
 
@@ -170,10 +173,7 @@ def balanced_yes_no(questions, answers, seed: int = 0) -> list[int]:
     return sorted(keep)
 
 
-DIALOGUE_SETS = ("all", "balanced", "open")
-
-
-def dialogue_questions(questions, answers, kept: str) -> list[int]:
+def dialogue_questions(questions, answers, kept: DialogueSet) -> list[int]:
     """Indices of the questions a dialogue file keeps: `all`, `balanced` (yes/no balanced per form, see
     `balanced_yes_no`) or `open` (the shape and colour questions, no yes/no)."""
     if kept == "all":
@@ -186,7 +186,7 @@ def dialogue_questions(questions, answers, kept: str) -> list[int]:
 
 
 def dialogue_rows(
-    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, kept: str = "all"
+    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, kept: DialogueSet = "all"
 ) -> list[dict]:
     """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (those `kept`, see
     `dialogue_questions`), shuffled with a seed of the image id, cut into conversations of at most `turns`
@@ -244,7 +244,7 @@ def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
-    """Writes captions.json, train.json, train_dialogues(_balanced, _open).json, test.json and the images into `out_dir`.
+    """Writes captions.json, train.json, train_dialogues(_balanced, _open).json, test.json and the images.
 
     Args:
         out_dir: Destination folder (created if missing).
