@@ -2,8 +2,8 @@
 
 The quickstart report compares one stage 3 with one control, each a single training run, with the standard
 error of sampling questions; it says nothing of how much a second training run of either would move. This
-trains the quickstart's stage 3 (`recipes/quickstart/stage3.yaml`) and its control (stage 2 continued for as
-many steps, same data; `control_overrides` in `eve_vlm/quickstart.py`) again with other `training.seed`
+trains the quickstart's stage 3 (`recipes/quickstart/stage3.yaml`) and its control (stage 2 continued on its
+own data for as many steps; `control_overrides` in `eve_vlm/quickstart.py`) again with other `training.seed`
 values, from the stage 2 of an earlier `eve quickstart`, and evaluates each on the quickstart's easy-VQA
 questions (the same rows, bf16 autocast, greedy, as `eve quickstart`). The seed changes the order of the
 training data and the batches the routers' warm start is fitted on (the vision FFNs start as copies of the
@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +76,19 @@ def main() -> None:
     records = {name: json.loads((qs / name / RECORD).read_text()) for name in ("stage2", "control", "stage3")}
     stage2 = records["stage2"]["metrics"]["vqa"]
     stage3_recipe = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, qs, False))
+    control_recipe = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(qs, False, stage3_recipe))
+    stale = [
+        name
+        for name, recipe in (("stage3", stage3_recipe), ("control", control_recipe))
+        if records[name]["key"]["recipe"] != json.loads(json.dumps(asdict(recipe)))
+    ]
+    if stale:  # its records would be counted as one seed of other recipes
+        print(
+            f"{', '.join(stale)} in {qs} were trained from other recipes than the current ones: run "
+            f"`eve quickstart --out {args.quickstart}` again first.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     evaluate = Evaluator(prepare(log=lambda *_: None)["paths"], args.vqa_limit, 1, 1, 1)
 
     def train_and_score(name: str, stage: int, overrides: list[str]) -> tuple[dict, float]:

@@ -1,0 +1,41 @@
+"""`benchmarks/stage3_seeds.py` refuses a quickstart folder it cannot count as one seed of the current recipes."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from eve_vlm.quickstart import RECORD, control_overrides, recipes_dir, stage_overrides
+from eve_vlm.train.recipe import load_recipe
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stage3_seeds.py"
+
+
+def run_script(folder: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--quickstart", str(folder), "--out", str(folder / "seeds")]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):
+    proc = run_script(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "stage2" / RECORD) in proc.stderr and "eve quickstart" in proc.stderr
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
+    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
+    old_control = json.loads(json.dumps(asdict(control)))
+    old_control["data"]["sources"] = [asdict(s) for s in stage3.data.sources]  # the control of older recipes
+    for name, recipe in (
+        ("stage2", {}),
+        ("stage3", json.loads(json.dumps(asdict(stage3)))),
+        ("control", old_control),
+    ):
+        (tmp_path / name).mkdir()
+        record = {"key": {"recipe": recipe}, "metrics": {"vqa": {"accuracy": 80.0, "predictions": []}}}
+        (tmp_path / name / RECORD).write_text(json.dumps(record))
+    proc = run_script(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "control in" in proc.stderr and "stage3" not in proc.stderr.split(" in ")[0]
+    assert not (tmp_path / "seeds").exists()  # nothing trained
