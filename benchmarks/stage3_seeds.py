@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +36,7 @@ from eve_vlm.quickstart import (  # noqa: E402
     Evaluator,
     Run,
     control_overrides,
+    recipe_record,
     recipes_dir,
     stage_overrides,
 )
@@ -80,7 +80,7 @@ def main() -> None:
     stale = [
         name
         for name, recipe in (("stage3", stage3_recipe), ("control", control_recipe))
-        if records[name]["key"]["recipe"] != json.loads(json.dumps(asdict(recipe)))
+        if records[name]["key"]["recipe"] != recipe_record(recipe)
     ]
     if stale:  # its records would be counted as one seed of other recipes
         print(

@@ -66,8 +66,8 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
 
     Keys: `llm` (HF causal-LM folder with tokenizer), `vision` (HF Dinov2Model folder), `easy_vqa_images`
     (folder), `easy_vqa_captions` (stage-1 LLaVA JSON), `easy_vqa_train` (VQA LLaVA JSON, stages 2/3),
-    `easy_vqa_dialogues` (the same questions as multi-turn conversations per image, stage 2),
-    `easy_vqa_open_dialogues` (the shape and colour questions only, as conversations, stage 3),
+    `easy_vqa_dialogues` (the same questions as multi-turn conversations per image, stage 2; stage 3 trains on
+    `train_dialogues_open.json` beside it),
     `easy_vqa_test` (evaluation LLaVA JSON with `answers` and `question_type`), `lang_text` (held-out English
     text), `lang_mc` (MC JSONL: question, choices, label), `manifest`.
     """
@@ -80,7 +80,6 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
         "easy_vqa_captions": vqa / "captions.json",
         "easy_vqa_train": vqa / "train.json",
         "easy_vqa_dialogues": vqa / "train_dialogues.json",
-        "easy_vqa_open_dialogues": vqa / "train_dialogues_open.json",
         "easy_vqa_test": vqa / "test.json",
         "lang_text": root / LANG_TEXT,
         "lang_mc": root / LANG_MC,
@@ -295,7 +294,6 @@ ASSET_STEPS = {  # asset_paths key -> the step that builds it
     "easy_vqa_captions": "easy_vqa",
     "easy_vqa_train": "easy_vqa",
     "easy_vqa_dialogues": "easy_vqa",
-    "easy_vqa_open_dialogues": "easy_vqa",
     "easy_vqa_test": "easy_vqa",
     "lang_text": "lang_text",
     "lang_mc": "lang_mc",

@@ -118,6 +118,11 @@ def baseline_overrides(out: Path, smoke: bool) -> list[str]:
     return overrides
 
 
+def recipe_record(recipe: Recipe) -> dict:
+    """A recipe as its run's record keeps it (JSON types), to compare with the recipe a record was made from."""
+    return json.loads(json.dumps(asdict(recipe)))
+
+
 def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
     """Stage 2 continued from its own result for stage 3's steps and seed, on stage 2's own data, learning rate
     and trainable parameters (projector and LoRA): training stage 2 longer, the alternative to stage 3."""
@@ -341,7 +346,7 @@ def train_or_reuse(run: Run, out_dir: Path, settings: dict, evaluate: Evaluator,
     model_dir = run.model_dir(out_dir)
     parent_dir = out_dir / run.depends_on if run.depends_on else None
     recipe = load_recipe(recipes_dir() / f"stage{run.stage}.yaml", list(run.overrides))
-    recipe_dict = json.loads(json.dumps(asdict(recipe)))
+    recipe_dict = recipe_record(recipe)
     evals = {"vqa": run.vqa, "language": run.language, "routing": run.routing}
     key = {
         "recipe": recipe_dict,

@@ -219,7 +219,6 @@ def test_asset_paths_follow_eve_home(tmp_path, monkeypatch):
         "easy_vqa_captions",
         "easy_vqa_train",
         "easy_vqa_dialogues",
-        "easy_vqa_open_dialogues",
         "easy_vqa_test",
         "lang_text",
         "lang_mc",

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from eve_vlm.quickstart import RECORD, control_overrides, recipes_dir, stage_overrides
+from eve_vlm.quickstart import RECORD, control_overrides, recipe_record, recipes_dir, stage_overrides
 from eve_vlm.train.recipe import load_recipe
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stage3_seeds.py"
@@ -25,11 +25,11 @@ def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):
     assert str(tmp_path / "stage2" / RECORD) in proc.stderr and "eve quickstart" in proc.stderr
     stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
     control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
-    old_control = json.loads(json.dumps(asdict(control)))
+    old_control = recipe_record(control)
     old_control["data"]["sources"] = [asdict(s) for s in stage3.data.sources]  # the control of older recipes
     for name, recipe in (
         ("stage2", {}),
-        ("stage3", json.loads(json.dumps(asdict(stage3)))),
+        ("stage3", recipe_record(stage3)),
         ("control", old_control),
     ):
         (tmp_path / name).mkdir()
@@ -37,5 +37,7 @@ def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):
         (tmp_path / name / RECORD).write_text(json.dumps(record))
     proc = run_script(tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "control in" in proc.stderr and "stage3" not in proc.stderr.split(" in ")[0]
+    assert proc.stderr.startswith(
+        f"control in {tmp_path} were trained from other recipes"
+    )  # stage 3 is current
     assert not (tmp_path / "seeds").exists()  # nothing trained
