@@ -16,9 +16,8 @@ written after it. Nothing is dropped.
     python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 300 --caption-share 0.5
 
 Output: one JSON line (steps, caption share, training seconds, the logged training losses, accuracy from the
-image and from the image with its caption, `form_only`: each form answered with its majority answer among the test
-items, the machine). Trained
-models go to `--out`; timing is the machine's: run nothing else meanwhile.
+image and from the image with its caption, `form_only`: each form answered with its majority answer among the
+test items, the machine). Trained models go to `--out`; timing is the machine's: run nothing else meanwhile.
 """
 
 from __future__ import annotations
