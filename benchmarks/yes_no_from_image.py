@@ -5,19 +5,21 @@ stays below 87%"). This continues the stage 2 of an earlier `eve quickstart` (it
 `recipes/quickstart/stage2.yaml`: projector and LoRA, lr, batches, bf16 autocast) in train mode on the
 single-question yes/no rows of easy-VQA's `train.json`, balanced per form (`balanced_yes_no`: each of the four
 forms, plain or negated and colour or shape, is "yes" half of the time, so the question alone predicts nothing).
-With `--caption-share` that share of the rows also gets the image's caption as text after the image ("The image
-shows a red circle."), which the LLM can compare with the question as text (`benchmarks/yes_no_probe.py`).
+With `--caption-share`, that share of the rows (drawn among all; a row gets the caption only when its image's
+questions reveal both its colour and its shape) also gets the image's caption as text after the image ("The
+image shows a red circle."), which the LLM can compare with the question as text (`benchmarks/yes_no_probe.py`).
 
 It then scores "yes" against "no" logits (eval mode, fp32, no gradients) on `--eval-items` yes/no questions of
-the test split, balanced per form the same way: from the image alone, and from the image with its caption
-written after it. Nothing is dropped.
+the test split, as many from each of the eight cells (form x true answer), so the form alone scores 50%: from
+the image alone, and, on those of them whose image's caption is known, from the image with its caption written
+after it. `--eval-only` scores a model trained by an earlier run of the same settings. Nothing is dropped.
 
     python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 600
     python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 300 --caption-share 0.5
 
-Output: one JSON line (steps, caption share, training seconds, the logged training losses, accuracy from the
-image and from the image with its caption, `form_only`: each form answered with its majority answer among the
-test items, the machine). Trained models go to `--out`; timing is the machine's: run nothing else meanwhile.
+Output: one JSON line (steps, caption share, captioned training rows, training seconds and the logged training
+losses as recorded next to the model, accuracy from the image, accuracy from the image and caption with the
+number of items it is over, the machine). Trained models go to `--out`; timing is the machine's: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -26,14 +28,20 @@ import argparse
 import json
 import random
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eve_vlm.assets import prepare  # noqa: E402
-from eve_vlm.data.builtin.easy_vqa import balanced_yes_no, image_facts, yes_no_form  # noqa: E402
+from eve_vlm.assets import require_assets  # noqa: E402
+from eve_vlm.data.builtin.easy_vqa import (  # noqa: E402
+    VQA_INSTRUCTION,
+    balanced_yes_no,
+    caption_for,
+    image_facts,
+    yes_no_form,
+)
+from eve_vlm.errors import EveError  # noqa: E402
 from eve_vlm.quickstart import recipes_dir  # noqa: E402
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
@@ -41,36 +49,100 @@ from eve_vlm.train.stages import run_stage  # noqa: E402
 
 def question_of(row: dict) -> str:
     """The question of a one-question row, without the image placeholder and the one-word instruction."""
-    return row["conversations"][0]["value"].split("\n", 1)[1].split(" Answer with")[0]
+    return row["conversations"][0]["value"].split("\n", 1)[1].removesuffix(f" {VQA_INSTRUCTION}")
+
+
+def answer_of(row: dict) -> str:
+    return row["conversations"][1]["value"]
 
 
 def facts_by_image(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Each image's colour and shape, as its question/answer pairs reveal them."""
     pairs = defaultdict(list)
     for row in rows:
-        pairs[row["image"]].append((question_of(row), row["conversations"][1]["value"]))
+        pairs[row["image"]].append((question_of(row), answer_of(row)))
     return {image: image_facts(p) for image, p in pairs.items()}
 
 
+def yes_no_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["question_type"] == "yes-no"]
+
+
 def balanced_rows(rows: list[dict]) -> list[dict]:
-    """The yes/no rows, balanced per form."""
-    yes_no = [r for r in rows if r["question_type"] == "yes-no"]
-    keep = balanced_yes_no([question_of(r) for r in yes_no], [r["conversations"][1]["value"] for r in yes_no])
+    """The yes/no rows, balanced per form (`balanced_yes_no`)."""
+    yes_no = yes_no_rows(rows)
+    keep = balanced_yes_no([question_of(r) for r in yes_no], [answer_of(r) for r in yes_no])
     return [yes_no[k] for k in keep]
 
 
-def with_caption(row: dict, facts: dict[str, str], folder: Path) -> dict:
-    """The row with an absolute image path and, when `facts` has both, the caption after the image."""
-    human = row["conversations"][0]["value"]
-    if "color" in facts and "shape" in facts:
-        human = human.replace(
-            "<image>\n", f"<image>\nThe image shows a {facts['color']} {facts['shape']}.\n", 1
-        )
-    return {
-        **row,
-        "image": str(folder / row["image"]),
-        "conversations": [{**row["conversations"][0], "value": human}, row["conversations"][1]],
-    }
+def evaluation_rows(rows: list[dict], items: int, seed: int = 1) -> list[dict]:
+    """`items` // 8 yes/no rows from each cell (form x true answer), drawn with `seed`."""
+    cells = defaultdict(list)
+    for row in yes_no_rows(rows):
+        cells[(yes_no_form(question_of(row)), answer_of(row))].append(row)
+    rng = random.Random(seed)
+    return [row for cell in sorted(cells) for row in rng.sample(cells[cell], items // 8)]
+
+
+def captioned(row: dict, facts: dict[str, str]) -> dict | None:
+    """The row with its image's caption written after the image, or None when the colour or shape is unknown."""
+    if "color" not in facts or "shape" not in facts:
+        return None
+    human = row["conversations"][0]["value"].replace(
+        "<image>\n", f"<image>\nThe image shows {caption_for(facts).lower()}\n", 1
+    )
+    return {**row, "conversations": [{**row["conversations"][0], "value": human}, *row["conversations"][1:]]}
+
+
+def training_rows(rows: list[dict], facts: dict, folder: Path, caption_share: float) -> list[dict]:
+    """The balanced yes/no rows with absolute image paths, `caption_share` of them drawn for a caption."""
+    rng = random.Random(0)
+    out = []
+    for row in balanced_rows(rows):
+        drawn = rng.random() < caption_share
+        row = (drawn and captioned(row, facts[row["image"]])) or row
+        out.append({**row, "image": str(folder / row["image"])})
+    return out
+
+
+def train(args, folder: Path, rows: list[dict], run: Path) -> None:
+    (run / "rows.json").parent.mkdir(parents=True, exist_ok=True)
+    (run / "rows.json").write_text(json.dumps(rows))
+    recipe = load_recipe(
+        recipes_dir() / "stage2.yaml",
+        [
+            f"model.init_from={args.stage2.resolve()}",
+            f"data.sources={json.dumps([{'path': str(run / 'rows.json')}])}",
+            f"training.output_dir={run / 'model'}",
+            f"training.max_steps={args.steps}",
+            "training.save_steps=0",
+        ],
+    )
+    run_stage(recipe, log=lambda *_: None)
+
+
+def score(model_dir: Path, items: list[tuple[dict, str]], folder: Path) -> float:
+    """Accuracy (%) of "yes" against "no" logits on `(row, human text)` items, in batches of 50."""
+    import torch
+    from transformers import AutoProcessor
+
+    from eve_vlm.eval.vqa import _open_rgb
+    from eve_vlm.model.modeling import EveForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"  # the last position of every row is the answer's
+    model = EveForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    yes, no = (processor.tokenizer.encode(word)[0] for word in ("yes", "no"))
+    right = 0
+    with torch.no_grad():
+        for first in range(0, len(items), 50):
+            batch = items[first : first + 50]
+            texts = [processor.chat_prompt(human) for _, human in batch]
+            images = [_open_rgb(str(folder / row["image"])) for row, _ in batch]
+            logits = model(**processor(texts, images=images, padding=True), logits_to_keep=1).logits[:, -1]
+            said = ["yes" if y > n else "no" for y, n in zip(logits[:, yes], logits[:, no], strict=True)]
+            right += sum(s == answer_of(row) for s, (row, _) in zip(said, batch, strict=True))
+    return round(100.0 * right / len(items), 2)
 
 
 def main() -> None:
@@ -80,90 +152,55 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--caption-share", type=float, default=0.0)
     parser.add_argument("--eval-items", type=int, default=400)
+    parser.add_argument("--eval-only", action="store_true", help="score the model of an earlier run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not 0.0 <= args.caption_share <= 1.0:
+        parser.error("--caption-share must be between 0 and 1")
+    if args.eval_items < 8 or args.steps < 1:
+        parser.error("--eval-items must be at least 8 (one per cell) and --steps at least 1")
     import torch
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    from eve_vlm.model.modeling import EveForConditionalGeneration
 
     torch.set_num_threads(args.threads)
-    if not (args.stage2 / "config.json").is_file():
-        print(f"error: {args.stage2} holds no trained model; run `eve quickstart` first.", file=sys.stderr)
-        raise SystemExit(2)
-    paths = prepare(log=lambda *_: None)["paths"]
-    folder = Path(paths["easy_vqa_train"]).parent
-    train_rows = json.loads(Path(paths["easy_vqa_train"]).read_text())
-    test_rows = json.loads(Path(paths["easy_vqa_test"]).read_text())
-    facts = {**facts_by_image(train_rows), **facts_by_image(test_rows)}
-
-    rng = random.Random(0)
-    rows = [
-        with_caption(r, facts[r["image"]] if rng.random() < args.caption_share else {}, folder)
-        for r in balanced_rows(train_rows)
-    ]
     run = args.out / f"steps{args.steps}-caption{args.caption_share:g}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "rows.json").write_text(json.dumps(rows))
-    recipe = load_recipe(
-        recipes_dir() / "stage2.yaml",
-        [
-            f"model.init_from={args.stage2.resolve()}",
-            f"data.sources=[{{path: {run / 'rows.json'}}}]",
-            f"training.output_dir={run / 'model'}",
-            f"training.max_steps={args.steps}",
-            "training.save_steps=0",
-        ],
-    )
-    start = time.perf_counter()
-    summary = run_stage(recipe, log=lambda *_: None)
-    seconds = time.perf_counter() - start
-
-    test = balanced_rows(test_rows)
-    random.Random(1).shuffle(test)
-    test = test[: args.eval_items]
-    processor = AutoProcessor.from_pretrained(run / "model")
-    processor.tokenizer.padding_side = "left"
-    model = EveForConditionalGeneration.from_pretrained(run / "model").eval()
-    yes, no = (processor.tokenizer.encode(word)[0] for word in ("yes", "no"))
-
-    def accuracy(captioned: bool) -> float:
-        right = 0
-        with torch.no_grad():
-            for first in range(0, len(test), 50):
-                batch = test[first : first + 50]
-                texts = [
-                    processor.chat_prompt(
-                        with_caption(r, facts[r["image"]] if captioned else {}, folder)["conversations"][0][
-                            "value"
-                        ]
-                    )
-                    for r in batch
-                ]
-                images = [Image.open(folder / r["image"]).convert("RGB") for r in batch]
-                logits = model(**processor(texts, images=images, padding=True), logits_to_keep=1).logits[
-                    :, -1
-                ]
-                said = ["yes" if y > n else "no" for y, n in zip(logits[:, yes], logits[:, no], strict=True)]
-                right += sum(s == r["conversations"][1]["value"] for s, r in zip(said, batch, strict=True))
-        return round(100.0 * right / len(test), 2)
-
-    forms = defaultdict(lambda: defaultdict(int))
-    for r in test:
-        forms[yes_no_form(question_of(r))][r["conversations"][1]["value"]] += 1
-    question_only = round(100.0 * sum(max(c.values()) for c in forms.values()) / len(test), 2)
-    line = {
-        "steps": args.steps,
-        "caption_share": args.caption_share,
-        "train_s": round(seconds),
-        "loss_history": [[step, round(loss, 3)] for step, loss in summary["loss_history"]],
-        "accuracy_image": accuracy(False),
-        "accuracy_image_and_caption": accuracy(True),
-        "form_only": question_only,
-        "eval_items": len(test),
-        "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-    }
+    try:
+        if not (args.stage2 / "config.json").is_file():
+            raise EveError(f"{args.stage2} holds no trained model; run `eve quickstart` first.")
+        if args.eval_only and not (run / "model" / "config.json").is_file():
+            raise EveError(f"{run / 'model'} holds no model; run without --eval-only first.")
+        paths = require_assets(keys=("easy_vqa_train", "easy_vqa_test"))
+        folder = Path(paths["easy_vqa_train"]).parent
+        train_rows = json.loads(Path(paths["easy_vqa_train"]).read_text())
+        test_rows = json.loads(Path(paths["easy_vqa_test"]).read_text())
+        if not args.eval_only:
+            rows = training_rows(train_rows, facts_by_image(train_rows), folder, args.caption_share)
+            train(args, folder, rows, run)
+        test = evaluation_rows(test_rows, args.eval_items)
+        facts = facts_by_image(test_rows)
+        with_caption = [
+            (r, c["conversations"][0]["value"]) for r in test if (c := captioned(r, facts[r["image"]]))
+        ]
+        summary = json.loads((run / "model" / "eve_training.json").read_text())
+        line = {
+            "steps": args.steps,
+            "caption_share": args.caption_share,
+            "captioned_train_rows": sum(
+                "The image shows" in r["conversations"][0]["value"]
+                for r in json.loads((run / "rows.json").read_text())
+            ),
+            "train_s": round(summary["seconds"]),
+            "loss_history": [[step, round(loss, 3)] for step, loss in summary["loss_history"]],
+            "accuracy_image": score(
+                run / "model", [(r, r["conversations"][0]["value"]) for r in test], folder
+            ),
+            "eval_items": len(test),
+            "accuracy_image_and_caption": score(run / "model", with_caption, folder),
+            "captioned_eval_items": len(with_caption),
+            "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        }
+    except EveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(line), flush=True)
 
 

@@ -5,7 +5,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from eve_vlm.data.builtin.easy_vqa import yes_no_form
+from eve_vlm.data.builtin.easy_vqa import question_facts, yes_no_form
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_probe.py"
 
@@ -34,7 +34,9 @@ def test_every_question_and_form_is_answered_yes_half_of_the_time():
     for prompt, answer in drawn:
         caption, question = prompt.split("\n", 1)
         words = caption.rstrip(".").split()
-        assert probe.answer(question, words[-2], words[-1]) == answer
+        facts, ruled_out = question_facts(question.removesuffix(" Answer with one word."), answer)
+        assert facts.get("color", words[-2]) == words[-2] and facts.get("shape", words[-1]) == words[-1]
+        assert not ruled_out & {words[-2], words[-1]}
         by_question[question][answer] += 1
         by_form[yes_no_form(question)][answer] += 1
     assert set(by_question) == set(QUESTIONS) and len(by_form) == 4
@@ -48,6 +50,19 @@ def test_the_question_only_baseline_is_near_chance_and_catches_a_biased_draw():
     train = [probe.sample(rng, QUESTIONS) for _ in range(3000)]
     held_out = [probe.sample(rng, QUESTIONS) for _ in range(1000)]
     assert 44.0 < probe.question_only_accuracy(train, held_out) < 56.0
-    # Held-out prompts whose answer follows the question's form ("no" unless negated) are caught.
-    biased = [(p, "yes" if yes_no_form(p.split("\n", 1)[1])[0] else "no") for p, _ in held_out]
-    assert probe.question_only_accuracy(biased, biased) == 100.0
+
+    # A draw that picks the question after the answer (negated questions then mostly "yes") is caught.
+    def answer_first(rng):
+        wanted = rng.choice(["yes", "no"])
+        while True:
+            question, colour, shape = (
+                rng.choice(QUESTIONS),
+                rng.choice(probe.COLORS),
+                rng.choice(probe.SHAPES),
+            )
+            if probe.answer(question, colour, shape) == wanted:
+                return f"The image shows a {colour} {shape}.\n{question}", wanted
+
+    biased_train = [answer_first(rng) for _ in range(3000)]
+    biased_held_out = [answer_first(rng) for _ in range(1000)]
+    assert probe.question_only_accuracy(biased_train, biased_held_out) > 70.0
