@@ -34,17 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import require_assets  # noqa: E402
-from eve_vlm.data.builtin.easy_vqa import (  # noqa: E402
-    VQA_INSTRUCTION,
-    balanced_yes_no,
-    caption_for,
-    image_facts,
-    yes_no_form,
-)
+from eve_vlm.data.builtin import easy_vqa  # noqa: E402
+from eve_vlm.data.builtin.easy_vqa import VQA_INSTRUCTION, balanced_yes_no, caption_for, yes_no_form  # noqa: E402
 from eve_vlm.errors import EveError  # noqa: E402
 from eve_vlm.quickstart import recipes_dir  # noqa: E402
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
+
+CAPTION_LEAD = "The image shows"  # + "a red circle.", after the image in a captioned row
 
 
 def question_of(row: dict) -> str:
@@ -57,11 +54,10 @@ def answer_of(row: dict) -> str:
 
 
 def facts_by_image(rows: list[dict]) -> dict[str, dict[str, str]]:
-    """Each image's colour and shape, as its question/answer pairs reveal them."""
-    pairs = defaultdict(list)
-    for row in rows:
-        pairs[row["image"]].append((question_of(row), answer_of(row)))
-    return {image: image_facts(p) for image, p in pairs.items()}
+    """Each image's colour and shape, as its question/answer pairs reveal them, by image path."""
+    return easy_vqa.facts_by_image(
+        [question_of(r) for r in rows], [answer_of(r) for r in rows], [r["image"] for r in rows]
+    )
 
 
 def yes_no_rows(rows: list[dict]) -> list[dict]:
@@ -89,7 +85,7 @@ def captioned(row: dict, facts: dict[str, str]) -> dict | None:
     if "color" not in facts or "shape" not in facts:
         return None
     human = row["conversations"][0]["value"].replace(
-        "<image>\n", f"<image>\nThe image shows {caption_for(facts).lower()}\n", 1
+        "<image>\n", f"<image>\n{CAPTION_LEAD} {caption_for(facts).lower()}\n", 1
     )
     return {**row, "conversations": [{**row["conversations"][0], "value": human}, *row["conversations"][1:]]}
 
@@ -105,7 +101,7 @@ def training_rows(rows: list[dict], facts: dict, folder: Path, caption_share: fl
     return out
 
 
-def train(args, folder: Path, rows: list[dict], run: Path) -> None:
+def train(args, rows: list[dict], run: Path) -> None:
     (run / "rows.json").parent.mkdir(parents=True, exist_ok=True)
     (run / "rows.json").write_text(json.dumps(rows))
     recipe = load_recipe(
@@ -121,8 +117,9 @@ def train(args, folder: Path, rows: list[dict], run: Path) -> None:
     run_stage(recipe, log=lambda *_: None)
 
 
-def score(model_dir: Path, items: list[tuple[dict, str]], folder: Path) -> float:
-    """Accuracy (%) of "yes" against "no" logits on `(row, human text)` items, in batches of 50."""
+def scorer(model_dir: Path, folder: Path):
+    """The model in `model_dir`, loaded once, as a function of `(row, human text)` items to the accuracy (%) of
+    "yes" against "no" logits on them, in batches of 50."""
     import torch
     from transformers import AutoProcessor
 
@@ -133,16 +130,22 @@ def score(model_dir: Path, items: list[tuple[dict, str]], folder: Path) -> float
     processor.tokenizer.padding_side = "left"  # the last position of every row is the answer's
     model = EveForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     yes, no = (processor.tokenizer.encode(word)[0] for word in ("yes", "no"))
-    right = 0
-    with torch.no_grad():
-        for first in range(0, len(items), 50):
-            batch = items[first : first + 50]
-            texts = [processor.chat_prompt(human) for _, human in batch]
-            images = [_open_rgb(str(folder / row["image"])) for row, _ in batch]
-            logits = model(**processor(texts, images=images, padding=True), logits_to_keep=1).logits[:, -1]
-            said = ["yes" if y > n else "no" for y, n in zip(logits[:, yes], logits[:, no], strict=True)]
-            right += sum(s == answer_of(row) for s, (row, _) in zip(said, batch, strict=True))
-    return round(100.0 * right / len(items), 2)
+
+    def score(items: list[tuple[dict, str]]) -> float:
+        right = 0
+        with torch.no_grad():
+            for first in range(0, len(items), 50):
+                batch = items[first : first + 50]
+                texts = [processor.chat_prompt(human) for _, human in batch]
+                images = [_open_rgb(str(folder / row["image"])) for row, _ in batch]
+                logits = model(**processor(texts, images=images, padding=True), logits_to_keep=1).logits[
+                    :, -1
+                ]
+                said = ["yes" if y > n else "no" for y, n in zip(logits[:, yes], logits[:, no], strict=True)]
+                right += sum(s == answer_of(row) for s, (row, _) in zip(said, batch, strict=True))
+        return round(100.0 * right / len(items), 2)
+
+    return score
 
 
 def main() -> None:
@@ -174,27 +177,26 @@ def main() -> None:
         test_rows = json.loads(Path(paths["easy_vqa_test"]).read_text())
         if not args.eval_only:
             rows = training_rows(train_rows, facts_by_image(train_rows), folder, args.caption_share)
-            train(args, folder, rows, run)
+            train(args, rows, run)
         test = evaluation_rows(test_rows, args.eval_items)
         facts = facts_by_image(test_rows)
         with_caption = [
             (r, c["conversations"][0]["value"]) for r in test if (c := captioned(r, facts[r["image"]]))
         ]
         summary = json.loads((run / "model" / "eve_training.json").read_text())
+        score = scorer(run / "model", folder)
         line = {
             "steps": args.steps,
             "caption_share": args.caption_share,
             "captioned_train_rows": sum(
-                "The image shows" in r["conversations"][0]["value"]
+                CAPTION_LEAD in r["conversations"][0]["value"]
                 for r in json.loads((run / "rows.json").read_text())
             ),
             "train_s": round(summary["seconds"]),
             "loss_history": [[step, round(loss, 3)] for step, loss in summary["loss_history"]],
-            "accuracy_image": score(
-                run / "model", [(r, r["conversations"][0]["value"]) for r in test], folder
-            ),
+            "accuracy_image": score([(r, r["conversations"][0]["value"]) for r in test]),
             "eval_items": len(test),
-            "accuracy_image_and_caption": score(run / "model", with_caption, folder),
+            "accuracy_image_and_caption": score(with_caption),
             "captioned_eval_items": len(with_caption),
             "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         }

@@ -214,14 +214,20 @@ def dialogue_rows(
     return rows
 
 
-def caption_rows(questions, answers, image_ids, image_path) -> list[dict]:
-    """Stage-1 rows, one per image whose questions reveal its shape or colour, in image id order."""
+def facts_by_image(questions, answers, image_ids) -> dict:
+    """`image_facts` of each image id, from all the question/answer pairs about it."""
     pairs = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
         pairs[image_id].append((question, answer))
+    return {image_id: image_facts(found) for image_id, found in pairs.items()}
+
+
+def caption_rows(questions, answers, image_ids, image_path) -> list[dict]:
+    """Stage-1 rows, one per image whose questions reveal its shape or colour, in image id order."""
+    facts = facts_by_image(questions, answers, image_ids)
     rows = []
-    for image_id in sorted(pairs):
-        caption = caption_for(image_facts(pairs[image_id]))
+    for image_id in sorted(facts):
+        caption = caption_for(facts[image_id])
         if caption is None:
             continue
         rows.append(
