@@ -8,18 +8,25 @@ forms, plain or negated and colour or shape, is "yes" half of the time, so the q
 With `--caption-share`, that share of the rows (drawn among all; a row gets the caption only when its image's
 questions reveal both its colour and its shape) also gets the image's caption as text after the image ("The
 image shows a red circle."), which the LLM can compare with the question as text (`benchmarks/yes_no_probe.py`).
+`--forms color` or `shape` trains on the questions of that kind only; `--lr` replaces the recipe's learning
+rate; `--image-last` writes the image after the question instead of before it (in training and scoring), so
+that the image tokens, which come first otherwise, can attend to the question (a causal LM's earlier tokens
+never see later ones).
 
 It then scores "yes" against "no" logits (eval mode, fp32, no gradients) on `--eval-items` yes/no questions of
 the test split, as many from each of the eight cells (form x true answer), so the form alone scores 50%: from
-the image alone, and, on those of them whose image's caption is known, from the image with its caption written
-after it. `--eval-only` scores a model trained by an earlier run of the same settings. Nothing is dropped.
+the image alone (also per kind: the colour and the shape questions, 200 each by default), and, on those of
+them whose image's caption is known, from the image with its caption written after it. `--eval-only` scores a
+model trained by an earlier run of the same settings. Nothing is dropped.
 
     python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 600
     python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 300 --caption-share 0.5
+    python benchmarks/yes_no_from_image.py --stage2 runs/quickstart/stage2 --steps 200 --image-last
 
-Output: one JSON line (steps, caption share, captioned training rows, training seconds and the logged training
-losses as recorded next to the model, accuracy from the image, accuracy from the image and caption with the
-number of items it is over, the machine). Trained models go to `--out`; timing is the machine's: run nothing else meanwhile.
+Output: one JSON line (steps, caption share, learning rate, forms, whether the image is last, captioned training
+rows, training seconds and the logged training losses as recorded next to the model, accuracy from the image,
+overall and per kind, accuracy from the image and caption with the number of items it is over, the machine).
+Trained models go to `--out`; timing is the machine's: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
 
 CAPTION_LEAD = "The image shows"  # + "a red circle.", after the image in a captioned row
+IMAGE_FIRST = "<image>\n"  # how every human turn of easy-VQA's rows starts
+FORMS = ("all", "color", "shape")
 
 
 def question_of(row: dict) -> str:
@@ -85,18 +94,47 @@ def captioned(row: dict, facts: dict[str, str]) -> dict | None:
     if "color" not in facts or "shape" not in facts:
         return None
     human = row["conversations"][0]["value"].replace(
-        "<image>\n", f"<image>\n{CAPTION_LEAD} {caption_for(facts).lower()}\n", 1
+        IMAGE_FIRST, f"{IMAGE_FIRST}{CAPTION_LEAD} {caption_for(facts).lower()}\n", 1
     )
-    return {**row, "conversations": [{**row["conversations"][0], "value": human}, *row["conversations"][1:]]}
+    return with_human(row, human)
 
 
-def training_rows(rows: list[dict], facts: dict, folder: Path, caption_share: float) -> list[dict]:
-    """The balanced yes/no rows with absolute image paths, `caption_share` of them drawn for a caption."""
+def kind_of(row: dict) -> str:
+    """`color` or `shape`: what a yes/no row asks about."""
+    return yes_no_form(question_of(row))[1]
+
+
+def image_last(text: str) -> str:
+    """A human turn's text with the image moved from before the question to after it."""
+    if not text.startswith(IMAGE_FIRST):
+        raise ValueError(f"expected a human turn starting with {IMAGE_FIRST!r}, got {text[:40]!r}")
+    return f"{text.removeprefix(IMAGE_FIRST)}\n<image>"
+
+
+def with_human(row: dict, text: str) -> dict:
+    """The row with its first (human) turn's text replaced."""
+    return {**row, "conversations": [{**row["conversations"][0], "value": text}, *row["conversations"][1:]]}
+
+
+def training_rows(
+    rows: list[dict],
+    facts: dict,
+    folder: Path,
+    caption_share: float,
+    forms: str = "all",
+    image_after_question: bool = False,
+) -> list[dict]:
+    """The balanced yes/no rows of `forms` (`all`, `color` or `shape` questions) with absolute image paths,
+    `caption_share` of them drawn for a caption, the image after the question if `image_after_question`."""
     rng = random.Random(0)
     out = []
     for row in balanced_rows(rows):
         drawn = rng.random() < caption_share
         row = (drawn and captioned(row, facts[row["image"]])) or row
+        if forms != "all" and kind_of(row) != forms:
+            continue
+        if image_after_question:
+            row = with_human(row, image_last(row["conversations"][0]["value"]))
         out.append({**row, "image": str(folder / row["image"])})
     return out
 
@@ -112,6 +150,7 @@ def train(args, rows: list[dict], run: Path) -> None:
             f"training.output_dir={run / 'model'}",
             f"training.max_steps={args.steps}",
             "training.save_steps=0",
+            *([f"training.learning_rate={args.lr}"] if args.lr is not None else []),
         ],
     )
     run_stage(recipe, log=lambda *_: None)
@@ -154,6 +193,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/yes_no_from_image"))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--caption-share", type=float, default=0.0)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the stage 2 recipe's)"
+    )
+    parser.add_argument("--forms", choices=FORMS, default="all", help="train on these yes/no questions only")
+    parser.add_argument(
+        "--image-last", action="store_true", help="the image after the question, in training and scoring"
+    )
     parser.add_argument("--eval-items", type=int, default=400)
     parser.add_argument("--eval-only", action="store_true", help="score the model of an earlier run")
     parser.add_argument("--threads", type=int, default=2)
@@ -165,7 +211,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    run = args.out / f"steps{args.steps}-caption{args.caption_share:g}"
+    run = args.out / (
+        f"steps{args.steps}-caption{args.caption_share:g}"
+        + (f"-lr{args.lr:g}" if args.lr is not None else "")
+        + (f"-{args.forms}" if args.forms != "all" else "")
+        + ("-image-last" if args.image_last else "")
+    )
     try:
         if not (args.stage2 / "config.json").is_file():
             raise EveError(f"{args.stage2} holds no trained model; run `eve quickstart` first.")
@@ -176,25 +227,42 @@ def main() -> None:
         train_rows = json.loads(Path(paths["easy_vqa_train"]).read_text())
         test_rows = json.loads(Path(paths["easy_vqa_test"]).read_text())
         if not args.eval_only:
-            rows = training_rows(train_rows, facts_by_image(train_rows), folder, args.caption_share)
+            rows = training_rows(
+                train_rows,
+                facts_by_image(train_rows),
+                folder,
+                args.caption_share,
+                forms=args.forms,
+                image_after_question=args.image_last,
+            )
             train(args, rows, run)
         test = evaluation_rows(test_rows, args.eval_items)
         facts = facts_by_image(test_rows)
+        placed = image_last if args.image_last else str
+        from_image = [(r, placed(r["conversations"][0]["value"])) for r in test]
         with_caption = [
-            (r, c["conversations"][0]["value"]) for r in test if (c := captioned(r, facts[r["image"]]))
+            (r, placed(c["conversations"][0]["value"]))
+            for r in test
+            if (c := captioned(r, facts[r["image"]]))
         ]
         summary = json.loads((run / "model" / "eve_training.json").read_text())
         score = scorer(run / "model", folder)
         line = {
             "steps": args.steps,
             "caption_share": args.caption_share,
+            "lr": summary["recipe"]["training"]["learning_rate"],
+            "forms": args.forms,
+            "image_last": args.image_last,
             "captioned_train_rows": sum(
                 CAPTION_LEAD in r["conversations"][0]["value"]
                 for r in json.loads((run / "rows.json").read_text())
             ),
             "train_s": round(summary["seconds"]),
             "loss_history": [[step, round(loss, 3)] for step, loss in summary["loss_history"]],
-            "accuracy_image": score([(r, r["conversations"][0]["value"]) for r in test]),
+            "accuracy_image": score(from_image),
+            "accuracy_image_by_kind": {
+                kind: score([item for item in from_image if kind_of(item[0]) == kind]) for kind in FORMS[1:]
+            },
             "eval_items": len(test),
             "accuracy_image_and_caption": score(with_caption),
             "captioned_eval_items": len(with_caption),

@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from eve_vlm.data.builtin.easy_vqa import yes_no_form
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_from_image.py"
@@ -75,3 +77,27 @@ def test_a_missing_stage_2_is_named_with_exit_2(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "nothing") in proc.stderr and "eve quickstart" in proc.stderr
+
+
+def test_forms_keep_one_kind_of_question_and_image_last_moves_the_image_after_it():
+    script = load_script()
+    data = rows()
+    facts = script.facts_by_image(data)
+    every = script.training_rows(data, facts, Path("/d"), 0.0)
+    shape = script.training_rows(data, facts, Path("/d"), 0.0, forms="shape")
+    colour = script.training_rows(data, facts, Path("/d"), 0.0, forms="color")
+    assert shape and colour and len(shape) + len(colour) == len(every)
+    assert {script.kind_of(r) for r in shape} == {"shape"}
+    assert {script.kind_of(r) for r in colour} == {"color"}
+    last = script.training_rows(data, facts, Path("/d"), 1.0, image_after_question=True)
+    texts = [r["conversations"][0]["value"] for r in last]
+    assert all(t.endswith("\n<image>") and t.count("<image>") == 1 for t in texts)
+    assert "The image shows a red circle.\nIs there a red shape? Answer with one word.\n<image>" in texts
+    assert [r["conversations"][1:] for r in last] == [r["conversations"][1:] for r in every]
+
+
+def test_image_last_refuses_a_turn_that_does_not_start_with_the_image():
+    script = load_script()
+    assert script.image_last("<image>\nIs there a circle?") == "Is there a circle?\n<image>"
+    with pytest.raises(ValueError, match="starting with"):
+        script.image_last("Is there a circle?\n<image>")
