@@ -1,0 +1,44 @@
+"""`benchmarks/yes_no_word_slots.py`: the image slots get the colour and shape words' embeddings, alternating;
+rows of images whose colour or shape is unknown are dropped; a missing stage 2 is named with exit 2."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_word_slots.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("yes_no_word_slots", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_slots_alternate_the_colour_and_shape_words_of_each_image():
+    script = load_script()
+    embeddings = torch.arange(12.0).reshape(6, 2)
+    ids = {"red": 1, "blue": 2, "circle": 4, "triangle": 5}
+    facts = [{"color": "red", "shape": "triangle"}, {"color": "blue", "shape": "circle"}]
+    slots = script.word_slots(embeddings, ids, facts, 4)
+    assert slots.shape == (2, 4, 2)
+    assert torch.equal(slots[0], embeddings[[1, 5, 1, 5]]) and torch.equal(slots[1], embeddings[[2, 4, 2, 4]])
+
+
+def test_only_rows_whose_colour_and_shape_are_known_are_kept():
+    script = load_script()
+    rows = [{"image": "a.png"}, {"image": "b.png"}, {"image": "c.png"}]
+    facts = {"a.png": {"color": "red", "shape": "circle"}, "b.png": {"color": "red"}, "c.png": {}}
+    assert script.known(rows, facts) == [{"image": "a.png"}]
+
+
+def test_a_missing_stage_2_is_named_with_exit_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--stage2", str(tmp_path / "nothing")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "nothing") in proc.stderr and "eve quickstart" in proc.stderr
