@@ -7,7 +7,8 @@ single-question yes/no rows of easy-VQA's `train.json`, balanced per form (`bala
 forms, plain or negated and colour or shape, is "yes" half of the time, so the question alone predicts nothing).
 With `--caption-share`, that share of the rows (drawn among all; a row gets the caption only when its image's
 questions reveal both its colour and its shape) also gets the image's caption as text after the image ("The
-image shows a red circle."), which the LLM can compare with the question as text (`benchmarks/yes_no_probe.py`).
+image shows a red circle."; with `--image-last`, before the question and the image after it), which the LLM can
+compare with the question as text (`benchmarks/yes_no_probe.py`).
 `--forms color` or `shape` trains on the questions of that kind only; `--lr` replaces the recipe's learning
 rate; `--image-last` writes the image after the question instead of before it (in training and scoring), so
 that the image tokens, which come first otherwise, can attend to the question (a causal LM's earlier tokens
@@ -130,8 +131,9 @@ def training_rows(
     out = []
     for row in balanced_rows(rows):
         drawn = rng.random() < caption_share
+        kind = kind_of(row)  # before a caption, which names a colour, is written into the question's turn
         row = (drawn and captioned(row, facts[row["image"]])) or row
-        if forms != "all" and kind_of(row) != forms:
+        if forms != "all" and kind != forms:
             continue
         if image_after_question:
             row = with_human(row, image_last(row["conversations"][0]["value"]))

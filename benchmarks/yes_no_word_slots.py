@@ -5,16 +5,18 @@ there a red shape?") from the image, while `yes_no_probe.py` finds it learnt aga
 script asks what is missing between the two: it continues the same stage 2 (its LoRA, in train mode, bf16
 autocast; the projector's output is replaced, so only LoRA trains) on the same balanced single-question yes/no
 rows of `train.json`, with the 16 image slots filled (`--slots words`) by the LLM's input embeddings of the
-image's colour and shape words, alternating (" red", " circle", " red", ...), or (`--slots image`) by the
+image's colour and shape words, alternating (" red", " circle", " red", ...; each word's first token as
+SmolLM2's tokenizer splits it with a leading space: one token for every colour and shape but " teal", which is
+" te" + "al" and gets " te", the first token of " teal" in the question too), or (`--slots image`) by the
 projected image features as usual. The loss is the cross-entropy of the answer token at the last prompt
 position. Rows whose image's colour or shape its questions do not reveal are dropped (in training and
 evaluation). Accuracy is "yes" against "no" logits (eval mode, no gradients) on the test questions of
-`yes_no_from_image.evaluation_rows` (50 per form and true answer, so the form alone scores 50%) that are kept,
+`yes_no_from_image.evaluation_rows` (50 per form and true answer, so the form alone scores about 50%) that are kept,
 before training and every `--eval-every` steps.
 
     python benchmarks/yes_no_word_slots.py --stage2 runs/quickstart/stage2 --steps 200 --slots words
 
-Output: one JSON line per evaluation (`step`, `slots`, `loss` of the last batch, `accuracy`, `items`, `seconds`
+Output: one JSON line per evaluation (`step`, `slots`, `loss` of the last training batch, `accuracy`, `items`, `seconds`
 of training so far, `machine`). Timing is the machine's: run nothing else meanwhile.
 """
 

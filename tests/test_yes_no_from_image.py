@@ -89,6 +89,9 @@ def test_forms_keep_one_kind_of_question_and_image_last_moves_the_image_after_it
     assert shape and colour and len(shape) + len(colour) == len(every)
     assert {script.kind_of(r) for r in shape} == {"shape"}
     assert {script.kind_of(r) for r in colour} == {"color"}
+    captioned_shape = script.training_rows(data, facts, Path("/d"), 1.0, forms="shape")
+    assert len(captioned_shape) == len(shape)
+    assert any("The image shows" in r["conversations"][0]["value"] for r in captioned_shape)
     last = script.training_rows(data, facts, Path("/d"), 1.0, image_after_question=True)
     texts = [r["conversations"][0]["value"] for r in last]
     assert all(t.endswith("\n<image>") and t.count("<image>") == 1 for t in texts)
