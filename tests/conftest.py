@@ -1,6 +1,8 @@
 """Tiny random configs built in memory (no network): a Llama- and a Qwen2-family LM, CLIP/SigLIP/DINOv2 towers."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +15,7 @@ import eve_vlm  # noqa: E402, F401  (registers the Auto classes)
 from eve_vlm.model import EveConfig, EveForConditionalGeneration  # noqa: E402
 
 VOCAB = 128
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 IMAGE_TOKEN_ID = VOCAB  # outside the LM vocabulary, as with a real tokenizer that gained `<image>`
 
 
@@ -176,3 +179,11 @@ def byte_level_bpe_tokenizer():
     tok.add_tokens(["<|im_start|>", "<image>"], special_tokens=True)
     tok.chat_template = CHATML
     return tok
+
+
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (its `main` not run)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

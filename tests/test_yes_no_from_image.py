@@ -1,7 +1,6 @@
 """`benchmarks/yes_no_from_image.py`: its evaluation set is balanced per form and answer, captions are only
 written where the image's colour and shape are known, and a missing stage 2 is named with exit 2."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,17 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from eve_vlm.data.builtin.easy_vqa import yes_no_form
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_from_image.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("yes_no_from_image", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def row(image: str, question: str, answer: str) -> dict:
@@ -46,14 +39,14 @@ def rows() -> list[dict]:
 
 
 def test_the_evaluation_rows_hold_as_many_of_each_form_and_answer():
-    script = load_script()
+    script = load_benchmark("yes_no_from_image")
     chosen = script.evaluation_rows(rows(), 40)
     cells = Counter((yes_no_form(script.question_of(r)), script.answer_of(r)) for r in chosen)
     assert len(cells) == 8 and set(cells.values()) == {5}
 
 
 def test_captions_only_where_colour_and_shape_are_known():
-    script = load_script()
+    script = load_benchmark("yes_no_from_image")
     data = rows()
     facts = script.facts_by_image(data)
     assert facts["1.png"] == {"color": "red", "shape": "circle"} and facts["0.png"] == {"color": "blue"}
@@ -80,7 +73,7 @@ def test_a_missing_stage_2_is_named_with_exit_2(tmp_path):
 
 
 def test_forms_keep_one_kind_of_question_and_image_last_moves_the_image_after_it():
-    script = load_script()
+    script = load_benchmark("yes_no_from_image")
     data = rows()
     facts = script.facts_by_image(data)
     every = script.training_rows(data, facts, Path("/d"), 0.0)
@@ -100,7 +93,7 @@ def test_forms_keep_one_kind_of_question_and_image_last_moves_the_image_after_it
 
 
 def test_image_last_refuses_a_turn_that_does_not_start_with_the_image():
-    script = load_script()
+    script = load_benchmark("yes_no_from_image")
     assert script.image_last("<image>\nIs there a circle?") == "Is there a circle?\n<image>"
     with pytest.raises(ValueError, match="starting with"):
         script.image_last("Is there a circle?\n<image>")

@@ -1,13 +1,11 @@
 """`benchmarks/yes_no_probe.py` draws prompts whose question alone does not predict the answer."""
 
-import importlib.util
 import random
 from collections import Counter, defaultdict
-from pathlib import Path
+
+from conftest import load_benchmark
 
 from eve_vlm.data.builtin.easy_vqa import question_facts, yes_no_form
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_probe.py"
 
 QUESTIONS = [
     "Is there a red shape? Answer with one word.",
@@ -19,15 +17,8 @@ QUESTIONS = [
 ]
 
 
-def load_probe():
-    spec = importlib.util.spec_from_file_location("yes_no_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_question_and_form_is_answered_yes_half_of_the_time():
-    probe = load_probe()
+    probe = load_benchmark("yes_no_probe")
     rng = random.Random(0)
     drawn = [probe.sample(rng, QUESTIONS) for _ in range(6000)]
     by_question, by_form = defaultdict(Counter), defaultdict(Counter)
@@ -45,7 +36,7 @@ def test_every_question_and_form_is_answered_yes_half_of_the_time():
 
 
 def test_the_question_only_baseline_is_near_chance_and_catches_a_biased_draw():
-    probe = load_probe()
+    probe = load_benchmark("yes_no_probe")
     rng = random.Random(1)
     train = [probe.sample(rng, QUESTIONS) for _ in range(3000)]
     held_out = [probe.sample(rng, QUESTIONS) for _ in range(1000)]

@@ -1,26 +1,19 @@
 """`benchmarks/yes_no_word_slots.py`: the image slots get the colour and shape words' embeddings, alternating;
 rows of images whose colour or shape is unknown are dropped; a missing stage 2 is named with exit 2."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_word_slots.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("yes_no_word_slots", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_slots_alternate_the_colour_and_shape_words_of_each_image():
-    script = load_script()
+    script = load_benchmark("yes_no_word_slots")
     embeddings = torch.arange(12.0).reshape(6, 2)
     ids = {"red": 1, "blue": 2, "circle": 4, "triangle": 5}
     facts = [{"color": "red", "shape": "triangle"}, {"color": "blue", "shape": "circle"}]
@@ -30,7 +23,7 @@ def test_the_slots_alternate_the_colour_and_shape_words_of_each_image():
 
 
 def test_only_rows_whose_colour_and_shape_are_known_are_kept():
-    script = load_script()
+    script = load_benchmark("yes_no_word_slots")
     rows = [{"image": "a.png"}, {"image": "b.png"}, {"image": "c.png"}]
     facts = {"a.png": {"color": "red", "shape": "circle"}, "b.png": {"color": "red"}, "c.png": {}}
     assert script.known(rows, facts) == [{"image": "a.png"}]
