@@ -129,6 +129,10 @@ class EveConfig(PreTrainedConfig):
             projector.
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
         projector_grid: Output grid side of `ldpv2`.
+        vocabulary_mixture: Turn each projected image token into a mixture of the LM's input word embeddings
+            (`VocabularyMixture`; ours, not the paper's); off: the projector's output goes to the LM as is.
+        vocabulary_loss_coef: Weight of the caption-word loss on the mixture weights in training
+            (`caption_word_loss`; needs `vocabulary_mixture`); 0 = off.
         image_token: Text of the image placeholder.
         image_token_id: Token id of the placeholder (set by the processor builder).
         freeze_vision_tower: Keep the tower frozen (the default, as in the paper).
@@ -152,6 +156,8 @@ class EveConfig(PreTrainedConfig):
     vision_feature_norm: bool = False
     projector_type: str = "mlp2x_gelu"
     projector_grid: int | None = None
+    vocabulary_mixture: bool = False
+    vocabulary_loss_coef: float = 0.0
     image_token: str = "<image>"
     image_token_id: int | None = None
     freeze_vision_tower: bool = True
@@ -174,6 +180,11 @@ class EveConfig(PreTrainedConfig):
         if self.projector_type not in PROJECTOR_KINDS:
             raise ConfigError(
                 f"projector_type={self.projector_type!r} is unknown; choose one of {sorted(PROJECTOR_KINDS)}."
+            )
+        if self.vocabulary_loss_coef < 0 or (self.vocabulary_loss_coef > 0 and not self.vocabulary_mixture):
+            raise ConfigError(
+                f"vocabulary_loss_coef={self.vocabulary_loss_coef}: the caption-word loss needs "
+                "vocabulary_mixture: true and a weight >= 0; set vocabulary_loss_coef to 0 or turn the mixture on."
             )
         patch = int(self.vision_config.patch_size)
         if self.image_size < patch:

@@ -39,6 +39,7 @@ from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.lora import adapters_disabled, adapters_per_row, add_lora, lora_layers
 from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
+from eve_vlm.model.vocabulary_mixture import VocabularyMixture, caption_word_loss
 
 
 class EachTime(AbstractContextManager):
@@ -164,6 +165,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             text_hidden=int(config.text_config.hidden_size),
             grid=config.projector_grid,
         )
+        self.vocabulary_mixture = VocabularyMixture() if config.vocabulary_mixture else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         if config.lora is not None:
             add_lora(self.language_model, config.lora)
@@ -248,7 +250,26 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
     # --- forward ----------------------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, Ni, D) projected image tokens."""
-        return self.projector(self.vision_tower(pixel_values))
+        return self._image_tokens(pixel_values)[0]
+
+    def _image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 3, H, W) images -> (N, Ni, D) image tokens and, with `vocabulary_mixture`, their (N, Ni, V)
+        mixture weights over the vocabulary (else None)."""
+        queries = self.projector(self.vision_tower(pixel_values))
+        if self.vocabulary_mixture is None:
+            return queries, None
+        table = self.input_embedding_table()
+        weights = self.vocabulary_mixture.mixture_weights(queries, table)
+        return self.vocabulary_mixture.mix(weights, table), weights
+
+    def input_embedding_table(self) -> torch.Tensor:
+        """(V, D): what the LM's input embedding gives for each token id, the rows times `embed_scale` for
+        transformers' scaled word embeddings (Gemma's `sqrt(D)`)."""
+        embedding = self.get_input_embeddings()
+        scale = getattr(embedding, "embed_scale", None)
+        if scale is None:
+            return embedding.weight
+        return embedding.weight * torch.as_tensor(scale, dtype=embedding.weight.dtype)
 
     def forward(
         self,
@@ -306,9 +327,9 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             has_image = image_mask.any(dim=1)
         any_image = bool(has_image.any())  # the one host read of it
 
-        image_features = None
+        image_features = mixture_weights = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
+            image_features, mixture_weights = self._image_tokens(pixel_values)
             inputs_embeds = merge_image_features(inputs_embeds, image_mask, image_features)
         elif image_mask.any():
             raise ImageTokenMismatchError(
@@ -356,12 +377,32 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 loss = loss + self.config.aux_loss_coef * aux_loss
                 if router_loss is not None:
                     loss = loss + router_loss
+            if mixture_weights is not None and self.config.vocabulary_loss_coef > 0:
+                loss = loss + self.config.vocabulary_loss_coef * self._caption_word_loss(
+                    mixture_weights, image_mask, labels
+                )
         # The language model's logits, cache, hidden states and attentions, under the installed version's names
         # (an LM's extra outputs, such as a MoE LM's router logits, are not carried).
         lm_fields = {key: value for key, value in out.items() if key in LM_OUTPUT_FIELDS}
         return EveCausalLMOutput(
             **lm_fields, loss=loss, aux_loss=aux_loss, routing=routing, image_hidden_states=image_features
         )
+
+    def _caption_word_loss(
+        self, weights: torch.Tensor, image_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """`caption_word_loss` of the images' mixture weights against their rows' targets, the LM's special
+        tokens (bos, eos, pad) left out."""
+        images_per_row = image_mask.sum(dim=1) // weights.shape[1]  # (B,)
+        image_rows = torch.repeat_interleave(
+            torch.arange(len(images_per_row), device=labels.device), images_per_row
+        )
+        text = self.config.text_config
+        special = [getattr(text, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")]
+        ignore = sorted(
+            {int(t) for ids in special if ids is not None for t in (ids if isinstance(ids, list) else [ids])}
+        )
+        return caption_word_loss(weights, image_rows, labels, ignore)
 
     def _text_path_context(self, has_image: torch.Tensor):
         """The elastic guarantee for LoRA, per sequence: the adapters are off for every sequence without an

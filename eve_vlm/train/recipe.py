@@ -47,6 +47,8 @@ class ModelSpec:
         vision_tower: Folder of a Hugging Face vision model (stage 1 starting point).
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.
         projector_grid: Output grid side for `ldpv2`.
+        vocabulary_mixture: Image tokens become mixtures of the LM's word embeddings (`VocabularyMixture`;
+            ours, not the paper's); train `^vocabulary_mixture\\.` with the projector.
         image_size: Input image side; default the tower's.
         vision_feature_layer: Hidden-state index taken from the tower, or a list whose features are
             concatenated.
@@ -70,6 +72,7 @@ class ModelSpec:
     vision_tower: str | None = None
     projector_type: str = "mlp2x_gelu"
     projector_grid: int | None = None
+    vocabulary_mixture: bool = False
     image_size: int | None = None
     vision_feature_layer: int | list[int] = -2
     vision_feature_norm: bool = False
@@ -269,6 +272,9 @@ class TrainingSpec:
         dataloader_num_workers: Data-loading worker processes.
         ddp_timeout: Seconds a process of a multi-process run waits for the others, e.g. while the main
             process prepares the data cache.
+        vocabulary_loss_coef: Weight of the caption-word loss (a model with `vocabulary_mixture` only; ours, not the
+            paper's): the image tokens' mixture weights are pulled towards the words of the row's targets. Set
+            per stage; 0 = off.
         resume_from_checkpoint: `auto` resumes from the newest checkpoint in output_dir if any; a path; or null.
     """
 
@@ -290,6 +296,7 @@ class TrainingSpec:
     report_to: str = "none"
     dataloader_num_workers: int = 0
     ddp_timeout: int = 1800
+    vocabulary_loss_coef: float = 0.0
     resume_from_checkpoint: str | None = "auto"
 
 

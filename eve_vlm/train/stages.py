@@ -77,6 +77,7 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
         vision_feature_norm=spec.vision_feature_norm,
         projector_type=spec.projector_type,
         projector_grid=spec.projector_grid,
+        vocabulary_mixture=spec.vocabulary_mixture,
     )
     processor = EveProcessor.from_parts(
         tokenizer=tokenizer,
@@ -133,6 +134,13 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
             raise ConfigError(
                 f"model.attn_implementation={recipe.model.attn_implementation!r}: {err}"
             ) from None
+    coef = recipe.training.vocabulary_loss_coef
+    if coef < 0 or (coef > 0 and not model.config.vocabulary_mixture):
+        raise ConfigError(
+            f"training.vocabulary_loss_coef={coef}: the caption-word loss needs a model built with "
+            "model.vocabulary_mixture: true (at stage 1) and a weight >= 0; set it to 0 or turn the mixture on."
+        )
+    model.config.vocabulary_loss_coef = coef
     if recipe.lora is not None and model.config.lora is None:
         model.add_lora(**recipe.lora.to_peft())
     if recipe.evf is not None:

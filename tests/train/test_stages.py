@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_tokenizer, tiny_vision_config
 from PIL import Image
-from stage_parts import build_parts, recipe
+from stage_parts import COLOURS, build_parts, recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from eve_vlm.errors import ConfigError, DataError
@@ -382,3 +382,38 @@ def test_a_stage_starts_from_its_recipe_seed_whatever_torchs_seed_before(parts, 
         a, b = saved[stage, 11], saved[stage, 12]
         keys = [k for k in a if pattern in k]
         assert keys and all(torch.equal(a[k], b[k]) for k in keys), stage
+
+
+def test_stage1_with_the_caption_word_loss_puts_each_images_colour_word_into_its_tokens(parts, tmp_path):
+    spec = recipe(
+        parts,
+        tmp_path,
+        1,
+        model={"vocabulary_mixture": True},
+        vocabulary_loss_coef=1.0,
+        max_steps=30,
+        learning_rate=1e-2,
+    )
+    spec.trainable.append(type(spec.trainable[0])(pattern=r"^vocabulary_mixture\."))
+    summary = run_stage(spec)
+    assert set(summary["trainable"]) == {r"^projector\.", r"^vocabulary_mixture\."}
+    model = EveForConditionalGeneration.from_pretrained(tmp_path / "stage1").eval()
+    assert model.config.vocabulary_mixture is True
+    processor = EveProcessor.from_pretrained(tmp_path / "stage1")
+    colours = list(COLOURS)
+    words = [processor.tokenizer.convert_tokens_to_ids(name) for name in colours]
+    images = [Image.open(parts / "images" / f"{i}.png") for i in range(8)]
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        _, weights = model._image_tokens(pixel_values)  # (8, N, V)
+    best = weights[:, :, words].amax(dim=1)  # (8, 4): each colour word's best weight over an image's tokens
+    assert best.argmax(dim=1).tolist() == [i % 4 for i in range(8)]
+    assert float(best.max(dim=1).values.min()) > 0.5
+
+
+def test_the_caption_word_loss_on_a_model_without_the_mixture_is_refused_before_training(parts, tmp_path):
+    run_stage(recipe(parts, tmp_path, 1, max_steps=1))
+    with pytest.raises(
+        ConfigError, match=r"training\.vocabulary_loss_coef=1\.0: .*model\.vocabulary_mixture"
+    ):
+        build_model(recipe(parts, tmp_path, 2, vocabulary_loss_coef=1.0))
