@@ -131,8 +131,9 @@ class EveConfig(PreTrainedConfig):
         projector_grid: Output grid side of `ldpv2`.
         vocabulary_mixture: Turn each projected image token into a mixture of the LM's input word embeddings
             (`VocabularyMixture`; ours, not the paper's); off: the projector's output goes to the LM as is.
-        vocabulary_loss_coef: Weight of the caption-word loss on the mixture weights in training
-            (`caption_word_loss`; needs `vocabulary_mixture`); 0 = off.
+        vocabulary_loss_coef: Weight of the caption-word loss on the mixture weights, added to the loss in
+            training mode only (`caption_word_loss`; needs `vocabulary_mixture`); 0 = off. Each stage sets it
+            from its recipe's `training.vocabulary_loss_coef`.
         image_token: Text of the image placeholder.
         image_token_id: Token id of the placeholder (set by the processor builder).
         freeze_vision_tower: Keep the tower frozen (the default, as in the paper).
@@ -181,10 +182,14 @@ class EveConfig(PreTrainedConfig):
             raise ConfigError(
                 f"projector_type={self.projector_type!r} is unknown; choose one of {sorted(PROJECTOR_KINDS)}."
             )
-        if self.vocabulary_loss_coef < 0 or (self.vocabulary_loss_coef > 0 and not self.vocabulary_mixture):
+        if self.vocabulary_loss_coef < 0:
+            raise ConfigError(
+                f"vocabulary_loss_coef={self.vocabulary_loss_coef}: use a weight >= 0 (0 = off)."
+            )
+        if self.vocabulary_loss_coef > 0 and not self.vocabulary_mixture:
             raise ConfigError(
                 f"vocabulary_loss_coef={self.vocabulary_loss_coef}: the caption-word loss needs "
-                "vocabulary_mixture: true and a weight >= 0; set vocabulary_loss_coef to 0 or turn the mixture on."
+                "vocabulary_mixture: true; set vocabulary_loss_coef to 0 or turn the mixture on."
             )
         patch = int(self.vision_config.patch_size)
         if self.image_size < patch:

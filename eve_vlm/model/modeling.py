@@ -39,7 +39,12 @@ from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.lora import adapters_disabled, adapters_per_row, add_lora, lora_layers
 from eve_vlm.model.projector import build_projector
 from eve_vlm.model.vision import EveVisionEncoder
-from eve_vlm.model.vocabulary_mixture import VocabularyMixture, caption_word_loss
+from eve_vlm.model.vocabulary_mixture import (
+    VocabularyMixture,
+    caption_word_loss,
+    image_rows,
+    special_token_ids,
+)
 
 
 class EachTime(AbstractContextManager):
@@ -258,14 +263,13 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         queries = self.projector(self.vision_tower(pixel_values))
         if self.vocabulary_mixture is None:
             return queries, None
-        table = self.input_embedding_table()
-        weights = self.vocabulary_mixture.mixture_weights(queries, table)
-        return self.vocabulary_mixture.mix(weights, table), weights
+        return self.vocabulary_mixture(queries, self.input_embedding_table())
 
     def input_embedding_table(self) -> torch.Tensor:
         """(V, D): what the LM's input embedding gives for each token id, the rows times `embed_scale` for
         transformers' scaled word embeddings (Gemma's `sqrt(D)`)."""
         embedding = self.get_input_embeddings()
+        # transformers' scaled embeddings (Gemma 1-3) hold their factor as `embed_scale`; the others have none.
         scale = getattr(embedding, "embed_scale", None)
         if scale is None:
             return embedding.weight
@@ -377,32 +381,18 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
                 loss = loss + self.config.aux_loss_coef * aux_loss
                 if router_loss is not None:
                     loss = loss + router_loss
-            if mixture_weights is not None and self.config.vocabulary_loss_coef > 0:
-                loss = loss + self.config.vocabulary_loss_coef * self._caption_word_loss(
-                    mixture_weights, image_mask, labels
+            if mixture_weights is not None and self.training and self.config.vocabulary_loss_coef > 0:
+                rows = image_rows(image_mask, mixture_weights.shape[1])
+                words = caption_word_loss(
+                    mixture_weights, rows, labels, special_token_ids(self.config.text_config)
                 )
+                loss = loss + self.config.vocabulary_loss_coef * words
         # The language model's logits, cache, hidden states and attentions, under the installed version's names
         # (an LM's extra outputs, such as a MoE LM's router logits, are not carried).
         lm_fields = {key: value for key, value in out.items() if key in LM_OUTPUT_FIELDS}
         return EveCausalLMOutput(
             **lm_fields, loss=loss, aux_loss=aux_loss, routing=routing, image_hidden_states=image_features
         )
-
-    def _caption_word_loss(
-        self, weights: torch.Tensor, image_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """`caption_word_loss` of the images' mixture weights against their rows' targets, the LM's special
-        tokens (bos, eos, pad) left out."""
-        images_per_row = image_mask.sum(dim=1) // weights.shape[1]  # (B,)
-        image_rows = torch.repeat_interleave(
-            torch.arange(len(images_per_row), device=labels.device), images_per_row
-        )
-        text = self.config.text_config
-        special = [getattr(text, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")]
-        ignore = sorted(
-            {int(t) for ids in special if ids is not None for t in (ids if isinstance(ids, list) else [ids])}
-        )
-        return caption_word_loss(weights, image_rows, labels, ignore)
 
     def _text_path_context(self, has_image: torch.Tensor):
         """The elastic guarantee for LoRA, per sequence: the adapters are off for every sequence without an

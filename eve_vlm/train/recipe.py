@@ -322,6 +322,14 @@ class Recipe:
             raise ConfigError(f"evf is a stage-3 section, but stage={self.stage}.")
         if self.lora is not None and self.stage == 1:
             raise ConfigError("lora is a stage-2 section; stage 1 trains the projector only.")
+        coef = self.training.vocabulary_loss_coef
+        if coef < 0:
+            raise ConfigError(f"training.vocabulary_loss_coef={coef}: use a weight >= 0 (0 = off).")
+        if coef > 0 and self.model.init_from is None and not self.model.vocabulary_mixture:
+            raise ConfigError(
+                f"training.vocabulary_loss_coef={coef}: the caption-word loss needs model.vocabulary_mixture: "
+                "true; set one or the other."
+            )
         if self.model.dtype == "bfloat16" and not self.training.bf16:
             raise ConfigError(
                 "model.dtype=bfloat16 keeps the frozen weights in bf16 and trains fp32 copies of the trainable "

@@ -118,6 +118,12 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
         except CheckpointError as err:
             raise ConfigError(f"model.init_from: {err}") from None
         saved = EveConfig.from_pretrained(source)
+        if recipe.training.vocabulary_loss_coef > 0 and not saved.vocabulary_mixture:
+            raise ConfigError(
+                f"training.vocabulary_loss_coef={recipe.training.vocabulary_loss_coef}: the caption-word loss "
+                f"needs a model built with model.vocabulary_mixture: true at stage 1, and {source} has none; set "
+                "it to 0."
+            )
         if recipe.evf is not None and saved.evf is None:
             try:
                 check_family_convertible(saved.text_config)
@@ -134,13 +140,7 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
             raise ConfigError(
                 f"model.attn_implementation={recipe.model.attn_implementation!r}: {err}"
             ) from None
-    coef = recipe.training.vocabulary_loss_coef
-    if coef < 0 or (coef > 0 and not model.config.vocabulary_mixture):
-        raise ConfigError(
-            f"training.vocabulary_loss_coef={coef}: the caption-word loss needs a model built with "
-            "model.vocabulary_mixture: true (at stage 1) and a weight >= 0; set it to 0 or turn the mixture on."
-        )
-    model.config.vocabulary_loss_coef = coef
+    model.config.vocabulary_loss_coef = recipe.training.vocabulary_loss_coef
     if recipe.lora is not None and model.config.lora is None:
         model.add_lora(**recipe.lora.to_peft())
     if recipe.evf is not None:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from eve_vlm.errors import ConfigError
 from eve_vlm.model import EveConfig, EveForConditionalGeneration
-from eve_vlm.model.vocabulary_mixture import VocabularyMixture, caption_word_loss
+from eve_vlm.model.vocabulary_mixture import VocabularyMixture, caption_word_loss, image_rows
 
 
 def test_a_query_on_a_words_direction_with_a_sharp_scale_becomes_that_word():
@@ -21,7 +21,9 @@ def test_a_query_on_a_words_direction_with_a_sharp_scale_becomes_that_word():
     assert weights.shape == (1, 2, 50)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2))
     assert weights.argmax(-1).tolist() == [[7, 21]]
-    torch.testing.assert_close(mixture(queries, table), table[[7, 21]].unsqueeze(0), atol=1e-3, rtol=0)
+    tokens, returned = mixture(queries, table)
+    torch.testing.assert_close(returned, weights)
+    torch.testing.assert_close(tokens, table[[7, 21]].unsqueeze(0), atol=1e-3, rtol=0)
 
 
 def test_the_logit_scale_is_capped_at_100():
@@ -75,6 +77,8 @@ def test_caption_word_loss_without_any_target_is_zero_and_keeps_a_gradient_path(
 
 def test_image_tokens_are_mixtures_of_the_lms_input_embeddings_and_the_model_saves_and_loads(tmp_path):
     model = tiny_model(projector="ldp", vocabulary_mixture=True)
+    with torch.no_grad():
+        model.vocabulary_mixture.logit_scale.fill_(1.5)  # not the initial value, so a load must restore it
     input_ids, pixel_values = image_batch(model.config)
     out = model(input_ids=input_ids, pixel_values=pixel_values)
     queries = model.projector(model.vision_tower(pixel_values))
@@ -87,6 +91,7 @@ def test_image_tokens_are_mixtures_of_the_lms_input_embeddings_and_the_model_sav
     model.save_pretrained(tmp_path)
     loaded = EveForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.config.vocabulary_mixture is True
+    assert loaded.vocabulary_mixture.logit_scale.item() == 1.5
     assert torch.equal(loaded(input_ids=input_ids, pixel_values=pixel_values).logits, out.logits)
 
 
@@ -139,26 +144,36 @@ def test_the_mixture_reads_gemma3s_scaled_embeddings_as_the_lm_does():
     assert not torch.allclose(table, model.get_input_embeddings().weight)  # sqrt(32) times the rows
 
 
-def test_the_training_loss_adds_the_weighted_caption_word_loss():
+def test_image_rows_follow_the_placeholders_row_by_row():
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[0, 1:3] = mask[0, 5:7] = True  # row 0: two images of 2 tokens
+    mask[2, 4:6] = True  # row 1: no image; row 2: one; row 3: none
+    assert image_rows(mask, 2).tolist() == [0, 0, 2]
+
+
+def test_the_training_loss_adds_the_weighted_caption_word_loss_and_eval_mode_does_not():
     model = tiny_model(projector="ldp", vocabulary_mixture=True, vocabulary_loss_coef=0.5).train()
-    input_ids, pixel_values = image_batch(model.config)
+    input_ids, pixel_values = image_batch(model.config, batch=2, images_per_row=2)
     labels = input_ids.masked_fill(input_ids == model.config.image_token_id, -100)
     with torch.no_grad():
         total = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
         model.config.vocabulary_loss_coef = 0.0
         lm_only = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
+        model.config.vocabulary_loss_coef = 0.5
+        in_eval = model.eval()(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
         queries = model.projector(model.vision_tower(pixel_values))
         weights = model.vocabulary_mixture.mixture_weights(queries, model.get_input_embeddings().weight)
-        words = caption_word_loss(weights, torch.tensor([0, 1]), labels, ignore_ids=[0, 1, 2])
+        words = caption_word_loss(weights, torch.tensor([0, 0, 1, 1]), labels, ignore_ids=[0, 1, 2])
     assert words.item() > 0
     torch.testing.assert_close(total, lm_only + 0.5 * words)
+    torch.testing.assert_close(in_eval, lm_only)
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"vocabulary_loss_coef": 1.0}, "needs vocabulary_mixture: true"),
-        ({"vocabulary_mixture": True, "vocabulary_loss_coef": -1.0}, "needs vocabulary_mixture: true"),
+        ({"vocabulary_mixture": True, "vocabulary_loss_coef": -1.0}, "use a weight >= 0"),
     ],
 )
 def test_a_caption_word_loss_without_the_mixture_or_with_a_negative_weight_is_refused(options, message):

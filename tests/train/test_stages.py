@@ -405,13 +405,26 @@ def test_stage1_with_the_caption_word_loss_puts_each_images_colour_word_into_its
     images = [Image.open(parts / "images" / f"{i}.png") for i in range(8)]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        _, weights = model._image_tokens(pixel_values)  # (8, N, V)
+        queries = model.projector(model.vision_tower(pixel_values))
+        _, weights = model.vocabulary_mixture(queries, model.input_embedding_table())  # (8, N, V)
     best = weights[:, :, words].amax(dim=1)  # (8, 4): each colour word's best weight over an image's tokens
     assert best.argmax(dim=1).tolist() == [i % 4 for i in range(8)]
     assert float(best.max(dim=1).values.min()) > 0.5
 
+    run_stage(recipe(parts, tmp_path, 2, max_steps=2))  # stage 2 sets no word loss: it is off there
+    stage2 = EveForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    assert stage2.config.vocabulary_mixture is True
+    assert stage2.config.vocabulary_loss_coef == 0.0
+    assert torch.equal(stage2.vocabulary_mixture.logit_scale, model.vocabulary_mixture.logit_scale)
+
 
 def test_the_caption_word_loss_on_a_model_without_the_mixture_is_refused_before_training(parts, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"training\.vocabulary_loss_coef=1\.0: .*model\.vocabulary_mixture"
+    ):
+        recipe(parts, tmp_path, 1, vocabulary_loss_coef=1.0)
+    with pytest.raises(ConfigError, match=r"training\.vocabulary_loss_coef=-1\.0: use a weight >= 0"):
+        recipe(parts, tmp_path, 1, model={"vocabulary_mixture": True}, vocabulary_loss_coef=-1.0)
     run_stage(recipe(parts, tmp_path, 1, max_steps=1))
     with pytest.raises(
         ConfigError, match=r"training\.vocabulary_loss_coef=1\.0: .*model\.vocabulary_mixture"
