@@ -42,7 +42,9 @@ class ModelSpec:
     """Where the model comes from.
 
     Attributes:
-        init_from: A previous stage's output folder (an Eve model); when set, the fields below must be unset.
+        init_from: A previous stage's output folder (an Eve model). The model's structure then comes from that
+            folder: `language_model` and `vision_tower` are not read, and a structure field below (projector,
+            image size, feature layers, mixture) set to a value other than the folder's is refused.
         language_model: Folder of a Hugging Face causal LM (stage 1 starting point).
         vision_tower: Folder of a Hugging Face vision model (stage 1 starting point).
         projector_type: `mlp2x_gelu`, `ldp` or `ldpv2`.

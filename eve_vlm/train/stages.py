@@ -13,6 +13,7 @@ Each stage writes an HF-format folder (config, safetensors, processor) to `train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from eve_vlm.model import EveConfig, EveForConditionalGeneration, EveProcessor
 from eve_vlm.model.decoder_layer import check_family_convertible
 from eve_vlm.model.folder import check_eve_folder
 from eve_vlm.model.tower import load_vision_tower, read_tower_config
-from eve_vlm.train.recipe import Recipe
+from eve_vlm.train.recipe import ModelSpec, Recipe
 from eve_vlm.train.trainable import apply_trainable_rules, trainable_to_fp32
 from eve_vlm.train.trainer import EveTrainer
 
@@ -97,6 +98,31 @@ def build_from_parts(recipe: Recipe) -> tuple[EveForConditionalGeneration, EvePr
     return model, processor
 
 
+STRUCTURE_FIELDS = (
+    "projector_type",
+    "projector_grid",
+    "image_size",
+    "vision_feature_layer",
+    "vision_feature_norm",
+    "vocabulary_mixture",
+)
+
+
+def check_structure_fields(spec: ModelSpec, saved: EveConfig, source: str) -> None:
+    """Refuses a recipe that continues a saved model (`init_from`) but sets a stage-1 structure field to a value
+    other than the one the model was built with: such a field cannot change after stage 1, and would otherwise be
+    ignored without a word. A field written with its default value cannot be told from an unset one and is
+    not checked."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    for key in STRUCTURE_FIELDS:
+        value, built = getattr(spec, key), getattr(saved, key)
+        if value != defaults[key] and value != built:
+            raise ConfigError(
+                f"model.{key}={value!r}, but {source} was built with {key}={built!r}: a model's structure is "
+                f"fixed at stage 1. Remove model.{key} from this recipe (or set it to {built!r})."
+            )
+
+
 def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcessor]:
     """The model a stage trains, with its structural change (LoRA, EVF) applied.
 
@@ -118,6 +144,7 @@ def build_model(recipe: Recipe) -> tuple[EveForConditionalGeneration, EveProcess
         except CheckpointError as err:
             raise ConfigError(f"model.init_from: {err}") from None
         saved = EveConfig.from_pretrained(source)
+        check_structure_fields(recipe.model, saved, source)
         if recipe.training.vocabulary_loss_coef > 0 and not saved.vocabulary_mixture:
             raise ConfigError(
                 f"training.vocabulary_loss_coef={recipe.training.vocabulary_loss_coef}: the caption-word loss "

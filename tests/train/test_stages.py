@@ -430,3 +430,14 @@ def test_the_caption_word_loss_on_a_model_without_the_mixture_is_refused_before_
         ConfigError, match=r"training\.vocabulary_loss_coef=1\.0: .*model\.vocabulary_mixture"
     ):
         build_model(recipe(parts, tmp_path, 2, vocabulary_loss_coef=1.0))
+
+
+def test_a_structure_field_that_differs_from_the_init_from_model_is_refused_and_an_equal_one_accepted(
+    parts, tmp_path
+):
+    run_stage(recipe(parts, tmp_path, 1, max_steps=1))
+    for field, value in (("vocabulary_mixture", True), ("projector_type", "ldpv2"), ("image_size", 64)):
+        with pytest.raises(ConfigError, match=rf"model\.{field}={value!r}, but .*stage1 was built with"):
+            build_model(recipe(parts, tmp_path, 2, model={field: value}))
+    model, _ = build_model(recipe(parts, tmp_path, 2, model={"projector_type": "ldp"}))  # as built: accepted
+    assert model.config.projector_type == "ldp"
