@@ -2,7 +2,8 @@
 
 "Activated per token" counts the weights a token's forward pass multiplies by:
 - a text token of a text-only request runs the base LLM (language FFNs only; no router, no vision FFN);
-- an image token runs the vision tower and projector (shared by the image's tokens), and in each EVF layer
+- an image token runs the vision tower and projector (shared by the image's tokens; `projector` includes the
+  `vocabulary_mixture`'s logit scale when the model has one), and in each EVF layer
   the router plus `top_k` experts of the same size as the language FFN.
 Embedding tables count fully (one row is read, but they are usually tied to the LM head).
 """
@@ -45,12 +46,14 @@ def parameter_counts(model) -> ParameterCounts:
     top_k = model.config.evf_config.top_k if evfs else 1
     lm = count(model.language_model)
     text = lm - vision_ffns - extras
-    image = count(model.vision_tower) + count(model.projector) + text + extras + (top_k - 1) * per_expert
+    mixture = model.vocabulary_mixture
+    projector = count(model.projector) + (0 if mixture is None else count(mixture))
+    image = count(model.vision_tower) + projector + text + extras + (top_k - 1) * per_expert
     return ParameterCounts(
         total=count(model),
         trainable=count(model, trainable_only=True),
         vision_tower=count(model.vision_tower),
-        projector=count(model.projector),
+        projector=projector,
         language_model=lm,
         vision_ffns=vision_ffns,
         routers=extras,

@@ -395,6 +395,15 @@ def test_parameter_counts():
     assert counts.trainable == counts.total - counts.vision_tower - 2 * ffn
 
 
+def test_parameter_counts_give_the_vocabulary_mixtures_scale_to_the_image_path():
+    plain = parameter_counts(tiny_model(projector="ldp"))
+    mixed = parameter_counts(tiny_model(projector="ldp", vocabulary_mixture=True))
+    assert mixed.total == plain.total + 1
+    assert mixed.projector == plain.projector + 1
+    assert mixed.active_image_token == plain.active_image_token + 1
+    assert mixed.active_text_token == plain.active_text_token
+
+
 # --- errors ---------------------------------------------------------------------------------------------------
 def test_image_count_mismatch_raises():
     model = tiny_model()
