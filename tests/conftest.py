@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,3 +189,10 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/<name>.py ARGS` in a subprocess (one OpenMP thread, offline), its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(BENCHMARKS / f"{name}.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

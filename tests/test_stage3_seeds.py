@@ -1,22 +1,18 @@
 """`benchmarks/stage3_seeds.py` refuses a quickstart folder it cannot count as one seed of the current recipes."""
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
+
+from conftest import run_benchmark
 
 from eve_vlm.quickstart import RECORD, control_overrides, recipe_record, recipes_dir, stage_overrides
 from eve_vlm.train.recipe import load_recipe
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stage3_seeds.py"
-
 
 def run_script(folder: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--quickstart", str(folder), "--out", str(folder / "seeds")]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_benchmark("stage3_seeds", "--quickstart", str(folder), "--out", str(folder / "seeds"))
 
 
 def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):

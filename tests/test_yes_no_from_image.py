@@ -1,18 +1,13 @@
 """`benchmarks/yes_no_from_image.py`: its evaluation set is balanced per form and answer, captions are only
 written where the image's colour and shape are known, and a missing stage 2 is named with exit 2."""
 
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, run_benchmark
 
 from eve_vlm.data.builtin.easy_vqa import yes_no_form
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_from_image.py"
 
 
 def row(image: str, question: str, answer: str) -> dict:
@@ -65,9 +60,9 @@ def test_captions_only_where_colour_and_shape_are_known():
 
 
 def test_a_missing_stage_2_is_named_with_exit_2(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--stage2", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_benchmark(
+        "yes_no_from_image", "--stage2", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "nothing") in proc.stderr and "eve quickstart" in proc.stderr
 

@@ -1,15 +1,8 @@
 """`benchmarks/yes_no_word_slots.py`: the image slots get the colour and shape words' embeddings, alternating;
 rows of images whose colour or shape is unknown are dropped; a missing stage 2 is named with exit 2."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
-from conftest import load_benchmark
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "yes_no_word_slots.py"
+from conftest import load_benchmark, run_benchmark
 
 
 def test_the_slots_alternate_the_colour_and_shape_words_of_each_image():
@@ -30,8 +23,6 @@ def test_only_rows_whose_colour_and_shape_are_known_are_kept():
 
 
 def test_a_missing_stage_2_is_named_with_exit_2(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--stage2", str(tmp_path / "nothing")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_benchmark("yes_no_word_slots", "--stage2", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "nothing") in proc.stderr and "eve quickstart" in proc.stderr
