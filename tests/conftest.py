@@ -11,7 +11,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, Qwen2Config, SiglipVisionConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    Dinov2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 import eve_vlm  # noqa: E402, F401  (registers the Auto classes)
 from eve_vlm.model import EveConfig, EveForConditionalGeneration  # noqa: E402
@@ -39,6 +46,8 @@ def tiny_text_config(family: str = "llama", **overrides):
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False)
+    if family == "gemma3":  # scaled embeddings; windows shorter than the test sequences
+        return Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8)
     raise ValueError(family)
 
 

@@ -3,7 +3,7 @@
 Shape letters: I images, N image tokens per image, B text rows, D language-model hidden size, V vocabulary
 size.
 
-The projector's output `q` (B, N, D) is read as a query against the LM's input embedding table `E` (V, D): each
+The projector's output `q` (I, N, D) is read as a query against the LM's input embedding table `E` (V, D): each
 image token becomes `softmax(s * cos(q, E)) @ E`, a convex mixture of word embeddings, with `s` a learnt
 logit scale (CLIP's parameterisation: `s = exp(logit_scale)`, capped at 100). The image tokens then lie where
 the LM's words lie, so the LM can compare them with the words of a question in the way it compares words.
@@ -67,10 +67,11 @@ def caption_word_loss(
     batch target and row r does not (in-batch negatives); the result is the mean over the images whose row has
     a target. It gives the mixture a direct signal towards the words of the text about the image (as SPAE,
     arXiv 2306.17842, and V2L, arXiv 2403.07874, map images onto a frozen LLM's vocabulary), where the
-    language-model loss alone, through a softmax over V words that starts near uniform, barely moves it. The maximum lets each word claim a token of its own
-    (with the mean over tokens every token drifted towards the words all captions share, "A" and ".", first);
-    the negatives make the words depend on the image (without them, 16 tokens that list every colour and shape
-    of easy-VQA, the same for every image, met the positive term).
+    language-model loss alone, through a softmax over V words that starts near uniform, barely moves it. The
+    maximum lets each word claim a token of its own (with the mean over tokens every token drifted towards the
+    words all captions share, "A" and ".", first); the negatives make the words depend on the image (without
+    them, 16 tokens that list every colour and shape of easy-VQA, the same for every image, met the positive
+    term).
 
     Returns:
         A scalar; 0 (with a gradient path) when no image's row has a target.

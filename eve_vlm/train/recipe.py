@@ -274,9 +274,9 @@ class TrainingSpec:
         dataloader_num_workers: Data-loading worker processes.
         ddp_timeout: Seconds a process of a multi-process run waits for the others, e.g. while the main
             process prepares the data cache.
-        vocabulary_loss_coef: Weight of the caption-word loss (a model with `vocabulary_mixture` only; ours, not the
-            paper's): the image tokens' mixture weights are pulled towards the words of the row's targets. Set
-            per stage; 0 = off.
+        vocabulary_loss_coef: Weight of the caption-word loss (a model with `vocabulary_mixture` only; ours,
+            not the paper's): the image tokens' mixture weights are pulled towards the words of the row's
+            targets. Set per stage; 0 = off.
         resume_from_checkpoint: `auto` resumes from the newest checkpoint in output_dir if any; a path; or null.
     """
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, image_batch, text_batch, tiny_eve_config, tiny_model
+from conftest import VOCAB, image_batch, text_batch, tiny_eve_config, tiny_model, tiny_text_config
 from transformers import AutoModelForCausalLM
 
 from eve_vlm.errors import ConfigError
@@ -67,6 +67,23 @@ def test_caption_word_loss_pushes_down_the_words_only_other_rows_target():
     assert loss.item() == pytest.approx((image0 + image1) / 2, rel=1e-6)
 
 
+def test_caption_word_loss_leaves_out_labels_outside_the_vocabulary():
+    weights = torch.tensor([[[0.5, 0.25, 0.25]]])
+    with_outside = caption_word_loss(weights, torch.tensor([0]), torch.tensor([[0, 7]]), ignore_ids=[])
+    assert with_outside.item() == pytest.approx(-math.log(0.5), rel=1e-6)  # label 7 >= V = 3 is not a target
+
+
+def test_the_mixture_weights_are_computed_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    table, queries = torch.randn(200, 16), torch.randn(1, 4, 16)
+    mixture = VocabularyMixture(init_scale=100.0)
+    plain = mixture.mixture_weights(queries, table)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = mixture.mixture_weights(queries, table)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain)
+
+
 def test_caption_word_loss_without_any_target_is_zero_and_keeps_a_gradient_path():
     weights = torch.full((1, 2, 4), 0.25, requires_grad=True)
     loss = caption_word_loss(weights, torch.tensor([0]), torch.full((1, 3), -100), ignore_ids=[])
@@ -114,22 +131,7 @@ def test_text_only_requests_keep_the_base_llms_logits_with_the_mixture_on():
 
 
 def test_the_mixture_reads_gemma3s_scaled_embeddings_as_the_lm_does():
-    from transformers import Gemma3TextConfig
-
-    text = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        sliding_window=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text = tiny_text_config("gemma3")
     base = tiny_eve_config()
     config = EveConfig(
         text_config=text,
