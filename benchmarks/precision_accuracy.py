@@ -6,7 +6,8 @@ as the quickstart evaluates it, on the quickstart's sets (`eve prepare`):
 - `bf16_autocast`: float32 weights, generation under bf16 autocast (the quickstart report's setting);
 - `bf16`: `--dtype bfloat16` (bf16 weights; the EVF routers stay fp32);
 - `int8`: `--quantize int8` (dynamic int8 linear layers, `eve_vlm/quantize.py`).
-Per variant: easy-VQA accuracy (greedy, 4 new tokens, batches of 32) on `--vqa-limit` test questions spread over
+Per variant: easy-VQA accuracy (`Evaluator.vqa`: greedy, 4 new tokens, batches of 32, each question after the
+model's own caption of its image) on `--vqa-limit` test questions spread over
 the test split, with its standard error, and the paired difference to the first variant listed (`fp32` by
 default) on the same questions with its standard error; wall time of that VQA run (eval mode, one process, `--threads`); the text path's perplexity on
 the held-out fortunes text and its WordNet multiple-choice accuracy, each with its delta against the base LLM in
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import asset_paths  # noqa: E402
-from eve_vlm.quickstart import LANGUAGE_BATCH, VQA_BATCH, Evaluator  # noqa: E402
+from eve_vlm.quickstart import LANGUAGE_BATCH, Evaluator  # noqa: E402
 
 VARIANTS = {  # name: (dtype, quantize, bf16 autocast)
     "fp32": (None, None, False),
@@ -62,7 +63,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from eve_vlm.eval.language import evaluate_language, score_language
-    from eve_vlm.eval.vqa import evaluate_vqa
     from eve_vlm.serve.loading import load_model
 
     evaluator = Evaluator(asset_paths(), args.vqa_limit, mc_limit=100, text_chars=20000, routing_limit=8)
@@ -85,9 +85,7 @@ def main() -> None:
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
         start = time.perf_counter()
         with context:
-            vqa = evaluate_vqa(
-                model, processor, evaluator.vqa_rows, batch_size=VQA_BATCH, max_new_tokens=4, progress=False
-            )
+            vqa = evaluator.vqa(model, processor, progress=False)
         seconds = time.perf_counter() - start
         scores = [p["accuracy"] for p in vqa.pop("predictions")]
         reference = reference if reference is not None else (name, scores)

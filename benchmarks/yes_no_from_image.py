@@ -1,7 +1,7 @@
 """Does a quickstart stage 2 learn easy-VQA's yes/no comparison from the image when trained on it alone?
 
-easy-VQA's yes/no questions are answered from their form by every quickstart model (README, "Why the total
-stays below 87%"). This continues the stage 2 of an earlier `eve quickstart` (its recipe,
+easy-VQA's yes/no questions, asked in one turn, were answered from their form by every quickstart model
+(`docs/yes-no-from-image-tokens.md`). This continues the stage 2 of an earlier `eve quickstart` (its recipe,
 `recipes/quickstart/stage2.yaml`: projector and LoRA, lr, batches, bf16 autocast) in train mode on the
 single-question yes/no rows of easy-VQA's `train.json`, balanced per form (`balanced_yes_no`: each of the four
 forms, plain or negated and colour or shape, is "yes" half of the time, so the question alone predicts nothing).

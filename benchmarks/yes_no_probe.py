@@ -1,7 +1,7 @@
 """Can the default LLM learn easy-VQA's yes/no comparison when the image is given as text?
 
 easy-VQA's yes/no questions ("Is there not a red shape?") are answered from their form alone by every quickstart
-model (README, "Why the total stays below 87%"). This probe asks whether the comparison itself is learnable by
+model (`docs/yes-no-from-image-tokens.md`). This probe asks whether the comparison itself is learnable by
 the LLM at the quickstart's budget: SmolLM2-135M-Instruct (from `eve prepare`) with LoRA (r 16, alpha 32, every
 linear layer) is trained in train mode on text prompts "The image shows a <colour> <shape>.\\n<question>" in its
 chat template (empty system message), where the question is one of the yes/no questions of the easy-VQA test

@@ -66,8 +66,8 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
 
     Keys: `llm` (HF causal-LM folder with tokenizer), `vision` (HF Dinov2Model folder), `easy_vqa_images`
     (folder), `easy_vqa_captions` (stage-1 LLaVA JSON), `easy_vqa_train` (VQA LLaVA JSON, stages 2/3),
-    `easy_vqa_dialogues` (the same questions as multi-turn conversations per image, stage 2; stage 3 trains on
-    `train_dialogues_open.json` beside it),
+    `easy_vqa_dialogues` (the same questions as multi-turn conversations per image, each opened by the image's
+    caption turn: `train_dialogues_described.json`, stage 2; the other dialogue files lie beside it),
     `easy_vqa_test` (evaluation LLaVA JSON with `answers` and `question_type`), `lang_text` (held-out English
     text), `lang_mc` (MC JSONL: question, choices, label), `manifest`.
     """
@@ -79,7 +79,7 @@ def asset_paths(home: str | os.PathLike | None = None) -> dict[str, Path]:
         "easy_vqa_images": vqa / "images",
         "easy_vqa_captions": vqa / "captions.json",
         "easy_vqa_train": vqa / "train.json",
-        "easy_vqa_dialogues": vqa / "train_dialogues.json",
+        "easy_vqa_dialogues": vqa / "train_dialogues_described.json",
         "easy_vqa_test": vqa / "test.json",
         "lang_text": root / LANG_TEXT,
         "lang_mc": root / LANG_MC,
@@ -280,7 +280,7 @@ STEPS: tuple[Step, ...] = (
         (EASY_VQA_DIR,),
         ("easy-vqa",),
         _build_easy_vqa,
-        version=3,  # 2: train_dialogues.json and train_dialogues_balanced.json; 3: train_dialogues_open.json
+        version=4,  # 2: train_dialogues(_balanced).json; 3: train_dialogues_open.json; 4: the _described files
     ),
     Step("lang_text", "held-out English text from fortunes", (LANG_TEXT,), ("fortunes",), _build_lang_text),
     Step(

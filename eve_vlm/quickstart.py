@@ -4,7 +4,8 @@
 2. Stages 1 -> 2 -> 3 with `recipes/quickstart/stage{1,2,3}.yaml`, and a **control**: stage 2 continued from
    its own result, on its own data, for as many steps and with the same seed as stage 3 trains, so the report
    shows whether stage 3 beats simply training stage 2 longer. Each model is evaluated: easy-VQA test accuracy on
-   the same `vqa_limit` questions (greedy, under bf16 autocast; with its standard error, and paired
+   the same `vqa_limit` questions (each asked after the model's own caption of its image, `Evaluator.vqa`;
+   greedy, under bf16 autocast; with its standard error, and paired
    differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
    and multiple-choice accuracy next to the base LLM's (the delta must be 0.000: the elastic guarantee), and
    after stage 3 the routing of every EVF layer under each allocation policy (at stage 3's training capacity,
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from eve_vlm.assets import prepare
+from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT
 from eve_vlm.device import add_device_arguments
 from eve_vlm.errors import ConfigError
 from eve_vlm.quickstart_report import (
@@ -54,6 +56,9 @@ PENDING = "quickstart_training.json"  # the recipe of a training under way (an i
 LANGUAGE_BATCH = 8  # sequences per forward when scoring perplexity and multiple choice
 VQA_BATCH = 32  # questions per generate call
 VQA_BF16 = True  # greedy answers under bf16 autocast, as stages 2 and 3 train (about 2x faster on a CPU)
+# easy-VQA is asked describe-first: each question follows the model's own caption of its image (the caption
+# turn that opens every training conversation of stages 2 and 3; README, "Describe, then answer").
+DESCRIBE_TOKENS = 16  # the captions are 3-4 words
 # The capacity policies (rts, bpr, gbpr, img_gbpr) differ only in which tokens an expert over capacity drops,
 # and the quickstart's stage 3 drops nothing (capacity factor 2.0 with 2 experts); `modality` routes by the
 # image mask with no capacity limit. The ablation trains at the paper code's training capacity factor, for half
@@ -195,9 +200,9 @@ class Evaluator:
         rows = load_vqa_rows(str(paths["easy_vqa_test"]), None)
         step = max(1, len(rows) // vqa_limit)
         self.vqa_rows = rows[::step][:vqa_limit]  # spread over the whole test split
-        # Routing is measured on stage 2's conversations (all question types, up to 4 turns; an image is ~13%
-        # of the tokens): capacity and drops depend on that share, and a single test question has ~35%. Stage 3
-        # trains on the shape and colour questions only (~2.5 turns, a larger image share).
+        # Routing is measured on stage 2's conversations (the caption turn, then up to 4 questions of every
+        # type): capacity and drops depend on the image's share of the tokens, which is larger in a single test
+        # question. Stage 3 trains on the shape and colour questions only (fewer turns, a larger image share).
         source = DataSource(str(paths["easy_vqa_dialogues"]), None, 1.0)
         dialogues = load_rows([source], check_images=False).rows
         self.routing_rows = dialogues[:: max(1, len(dialogues) // routing_limit)][:routing_limit]
@@ -228,15 +233,12 @@ class Evaluator:
 
         from eve_vlm.eval.cli import load_model_and_processor
         from eve_vlm.eval.language import evaluate_language
-        from eve_vlm.eval.vqa import evaluate_vqa
 
         model, processor = load_model_and_processor(str(model_dir), self.device, self.dtype)
         metrics, plots = {}, []
         if run.vqa:
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=VQA_BF16):
-                metrics["vqa"] = evaluate_vqa(
-                    model, processor, self.vqa_rows, batch_size=VQA_BATCH, max_new_tokens=4, progress=True
-                )
+                metrics["vqa"] = self.vqa(model, processor)
         if run.language:
             metrics["language"] = evaluate_language(
                 model,
@@ -250,6 +252,22 @@ class Evaluator:
         if run.routing and model.evf_layers:
             metrics["routing"], plots = self.routing(run, model, processor, model_dir, out)
         return metrics, plots
+
+    def vqa(self, model, processor, progress: bool = True) -> dict:
+        """easy-VQA on `vqa_rows` as the quickstart asks it: greedy, at most 4 new tokens, each question after
+        the model's own caption of its image (`CAPTION_PROMPT`, at most `DESCRIBE_TOKENS`)."""
+        from eve_vlm.eval.vqa import evaluate_vqa
+
+        return evaluate_vqa(
+            model,
+            processor,
+            self.vqa_rows,
+            batch_size=VQA_BATCH,
+            max_new_tokens=4,
+            describe_first=CAPTION_PROMPT,
+            describe_tokens=DESCRIBE_TOKENS,
+            progress=progress,
+        )
 
     def routing(self, run: Run, model, processor, model_dir: Path, out: Path) -> tuple[dict, list[str]]:
         """Routing statistics on `routing_rows` in batches of 8 (as in `eve eval routing`): under every
@@ -417,7 +435,9 @@ def run_quickstart(
         "mc": mc_limit,
         "text_chars": text_chars,
         "routing": routing_limit,
-        "routing_rows": "train_dialogues",
+        "routing_rows": "train_dialogues_described",
+        "describe_first": CAPTION_PROMPT,
+        "describe_tokens": DESCRIBE_TOKENS,
     }
     if dtype not in (None, "float32"):
         settings["dtype"] = dtype  # absent: float32, as in the records of runs before the option

@@ -66,7 +66,7 @@ def test_quickstart_smoke(assets, tmp_path):
     assert control["recipe"]["training"]["seed"] == stage3["recipe"]["training"]["seed"]
     stage2 = json.loads((tmp_path / "qs" / "stage2" / DONE_MARKER).read_text())
     sources = stage3["recipe"]["data"]["sources"]  # stage 3: the open questions; the control: stage 2's data
-    assert [Path(s["path"]).name for s in sources] == ["train_dialogues_open.json"]
+    assert [Path(s["path"]).name for s in sources] == ["train_dialogues_open_described.json"]
     assert control["recipe"]["data"]["sources"] == stage2["recipe"]["data"]["sources"] != sources
     rts = json.loads((tmp_path / "qs" / "ablation" / "rts" / DONE_MARKER).read_text())["recipe"]
     assert rts["evf"]["allocation"] == "rts" and rts["evf"]["capacity_factor"] == 1.5
@@ -249,7 +249,8 @@ def test_stage3_trains_on_open_questions_and_the_control_continues_stage2_as_it_
     stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
     stage2 = load_recipe(recipes_dir() / "stage2.yaml", stage_overrides(2, tmp_path, False))
     control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
-    assert [Path(s.path).name for s in stage3.data.sources] == ["train_dialogues_open.json"]
+    assert [Path(s.path).name for s in stage3.data.sources] == ["train_dialogues_open_described.json"]
+    assert [Path(s.path).name for s in stage2.data.sources] == ["train_dialogues_described.json"]
     assert control.data == stage2.data and control.lora == stage2.lora
     assert control.training.max_steps == stage3.training.max_steps
     assert control.training.seed == stage3.training.seed

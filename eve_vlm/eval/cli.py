@@ -7,7 +7,7 @@ import json
 import os
 
 from eve_vlm.device import add_device_arguments
-from eve_vlm.errors import DataError
+from eve_vlm.errors import ConfigError, DataError
 
 __all__ = ["add_eval_parser"]
 
@@ -48,6 +48,13 @@ def _write_json(data: dict, path: str) -> None:
         f.write("\n")
 
 
+def _check_describe_options(args) -> None:
+    if args.describe_first is not None and not args.describe_first.strip():
+        raise ConfigError("--describe-first is empty: give the prompt the model replies to about each image.")
+    if args.describe_tokens < 1:
+        raise ConfigError(f"--describe-tokens {args.describe_tokens}: give a number of tokens of at least 1.")
+
+
 def _run_vqa(args, model, processor, out_dir: str) -> dict:
     from eve_vlm.eval.vqa import evaluate_vqa, load_vqa_rows
 
@@ -59,6 +66,8 @@ def _run_vqa(args, model, processor, out_dir: str) -> dict:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         prompt_suffix=args.prompt_suffix,
+        describe_first=args.describe_first,
+        describe_tokens=args.describe_tokens,
         progress=not args.quiet,
     )
     predictions = result.pop("predictions")
@@ -114,6 +123,7 @@ def _run_routing(args, model, processor, out_dir: str) -> tuple[dict, list[str]]
 
 
 def _vqa(args: argparse.Namespace) -> None:
+    _check_describe_options(args)
     model, processor = _load(args)
     print(json.dumps(_run_vqa(args, model, processor, args.out), indent=2))
 
@@ -132,6 +142,7 @@ def _routing(args: argparse.Namespace) -> None:
 def _all(args: argparse.Namespace) -> None:
     from eve_vlm.eval.report import write_report
 
+    _check_describe_options(args)
     model, processor = _load(args)
     name = args.name or os.path.basename(os.path.normpath(args.model))
     args.data = args.vqa
@@ -223,6 +234,14 @@ def _vqa_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens")
     p.add_argument("--prompt-suffix", default=None, help="text appended to every question on a new line")
+    p.add_argument(
+        "--describe-first",
+        default=None,
+        metavar="PROMPT",
+        help="ask each question after the model's own reply to PROMPT about the image, e.g. "
+        "'Describe the image in a few words.' (the quickstart's protocol for easy-VQA)",
+    )
+    p.add_argument("--describe-tokens", type=int, default=32, help="longest description in tokens")
 
 
 def _language_options(p: argparse.ArgumentParser, batch: bool = True) -> None:

@@ -70,6 +70,13 @@ def _vqa_section(models: dict) -> list[str]:
         "Accuracy in % (VQAv2 normalisation; soft accuracy where a question has several references; "
         "per question type in the last columns), with its standard error over questions (± SE)."
     )
+    described = sorted({v["describe_first"] for v in have.values() if v.get("describe_first")})
+    for prompt in described:
+        names = ", ".join(f"`{n}`" for n, v in have.items() if v.get("describe_first") == prompt)
+        note += (
+            f" Describe first ({names}): each question is asked after the model's own reply to "
+            f'"{prompt}" about its image, as the second turn of that conversation.'
+        )
     return ["## VQA", "", note, "", *_table(header, rows), ""]
 
 

@@ -1,8 +1,9 @@
 """Visual question answering: batched greedy generation on LLaVA-format eval files, VQAv2-style scoring.
 
 What is measured, per question: the model's greedy answer to the first human turn (rendered with the
-tokenizer's own chat template plus its generation prompt, `<image>` expanded by `EveProcessor`), compared
-with the reference answer(s) after VQAv2's answer normalisation:
+tokenizer's own chat template plus its generation prompt, `<image>` expanded by `EveProcessor`; with
+`describe_first`, asked as the second turn after the model's own description of the image), compared with the
+reference answer(s) after VQAv2's answer normalisation:
 
 - `exact_match`: the normalised prediction equals the most common normalised reference (ties: the first);
 - `accuracy`: with one reference, exact match; with the 10 annotators' answers of VQAv2/TextVQA, the official
@@ -48,6 +49,7 @@ from eve_vlm.data.llava import (
 __all__ = [
     "VQARow",
     "answer_accuracy",
+    "describe_images",
     "evaluate_vqa",
     "generate_answers",
     "load_vqa_rows",
@@ -330,11 +332,83 @@ def modality_batches(rows: list, batch_size: int) -> Iterable[list]:
             yield group[start : start + batch_size]
 
 
-def render_prompt(processor, question: str, prompt_suffix: str | None = None) -> str:
+def render_prompt(
+    processor,
+    question: str,
+    prompt_suffix: str | None = None,
+    description: tuple[str, str] | None = None,
+) -> str:
     """The question as a user turn, rendered with the chat template and its generation prompt (a question
-    with an image gets the model's own system prompt, `EveProcessor.system_prompt`)."""
+    with an image gets the model's own system prompt, `EveProcessor.system_prompt`).
+
+    With `description` (`(prompt, reply)`), the question follows a first exchange about its image: the image
+    and the describe prompt, then the model's own description; the question's `<image>` moves to that first
+    turn.
+    """
     content = question if not prompt_suffix else f"{question}\n{prompt_suffix}"
-    return processor.chat_prompt(content)
+    if description is None:
+        return processor.chat_prompt(content)
+    marker = processor.image_token
+    prompt, reply = description
+    history = [
+        {"role": "user", "content": f"{marker}\n{prompt}"},
+        {"role": "assistant", "content": reply.replace(marker, "")},  # one image, one placeholder
+    ]
+    question_only = re.sub(rf"[ \t]*{re.escape(marker)}[ \t]*\n?", " ", content).strip()
+    return processor.chat_prompt(re.sub(r" {2,}", " ", question_only), history=history)
+
+
+def _greedy(model, processor, texts: list[str], images: list[Image.Image], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of left-padded `texts` (KV cache; stops at an end of turn), stripped."""
+    tokenizer = processor.tokenizer
+    stop_ids = _stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = processor(texts, images=images or None, padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = padding_side
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id,
+        eos_token_id=stop_ids or None,
+    )
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, new)
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def describe_images(
+    model, processor, images: list[str], prompt: str, *, batch_size: int = 8, max_new_tokens: int = 32
+) -> dict[str, str]:
+    """The model's greedy reply to `prompt` about each image, each image described once.
+
+    Args:
+        model: An `EveForConditionalGeneration` in eval mode.
+        processor: Its `EveProcessor`.
+        images: Image file paths (repeats allowed).
+        prompt: The user turn's text after the image, e.g. "Describe the image in a few words.".
+        batch_size: Images per generate call.
+        max_new_tokens: Longest reply.
+
+    Returns:
+        `{path: reply}` for every distinct path.
+    """
+    descriptions: dict[str, str] = {}
+    unique = sorted(set(images))
+    text = processor.chat_prompt(f"{processor.image_token}\n{prompt}")
+    for start in range(0, len(unique), batch_size):
+        paths = unique[start : start + batch_size]
+        replies = _greedy(
+            model, processor, [text] * len(paths), [_open_rgb(p) for p in paths], max_new_tokens
+        )
+        descriptions.update(zip(paths, replies, strict=True))
+    return descriptions
 
 
 @torch.no_grad()
@@ -346,52 +420,54 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     prompt_suffix: str | None = None,
+    describe_first: str | None = None,
+    describe_tokens: int = 32,
     progress: bool = True,
 ) -> list[dict]:
     """Greedy answers (KV cache, left padding), one prediction dict per row, in batch order.
 
+    With `describe_first` (a prompt such as "Describe the image in a few words."), each image is first
+    described by the model (greedy, at most `describe_tokens` tokens, once per image), and each question about
+    it is asked as the second turn of that conversation (`render_prompt`); rows without an image are asked
+    as usual.
+
     Returns:
-        Dicts with `id`, `question`, `image`, `question_type`, `answers`, `prediction`.
+        Dicts with `id`, `question`, `image`, `question_type`, `answers`, `prediction`; with `describe_first`
+        also `description` (the model's reply about the row's image; None for a row without an image).
     """
-    tokenizer = processor.tokenizer
-    stop_ids = _stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    descriptions: dict[str, str] = {}
+    if describe_first is not None:
+        images = [r.image for r in rows if r.image is not None]
+        descriptions = describe_images(
+            model, processor, images, describe_first, batch_size=batch_size, max_new_tokens=describe_tokens
+        )
     predictions = []
-    try:
-        bar = tqdm(total=len(rows), desc="vqa", unit="q", disable=not progress)
-        for batch in modality_batches(rows, batch_size):
-            texts = [render_prompt(processor, r.question, prompt_suffix) for r in batch]
-            images = [_open_rgb(r.image) for r in batch if r.image is not None]
-            inputs = processor(texts, images=images or None, padding=True).to(model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-                eos_token_id=stop_ids or None,
+    bar = tqdm(total=len(rows), desc="vqa", unit="q", disable=not progress)
+    for batch in modality_batches(rows, batch_size):
+        texts = [
+            render_prompt(
+                processor,
+                r.question,
+                prompt_suffix,
+                (describe_first, descriptions[r.image]) if r.image in descriptions else None,
             )
-            new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, new)
-            for row, text in zip(
-                batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-            ):
-                predictions.append(
-                    {
-                        "id": row.id,
-                        "question": row.question,
-                        "image": row.image,
-                        "question_type": row.question_type,
-                        "answers": row.answers,
-                        "prediction": text.strip(),
-                    }
-                )
-            bar.update(len(batch))
-        bar.close()
-    finally:
-        tokenizer.padding_side = padding_side
+            for r in batch
+        ]
+        images = [_open_rgb(r.image) for r in batch if r.image is not None]
+        for row, text in zip(batch, _greedy(model, processor, texts, images, max_new_tokens), strict=True):
+            prediction = {
+                "id": row.id,
+                "question": row.question,
+                "image": row.image,
+                "question_type": row.question_type,
+                "answers": row.answers,
+                "prediction": text,
+            }
+            if describe_first is not None:
+                prediction["description"] = descriptions.get(row.image)
+            predictions.append(prediction)
+        bar.update(len(batch))
+    bar.close()
     return predictions
 
 
@@ -409,6 +485,8 @@ def evaluate_vqa(
     max_new_tokens: int = 16,
     limit: int | None = None,
     prompt_suffix: str | None = None,
+    describe_first: str | None = None,
+    describe_tokens: int = 32,
     progress: bool = True,
 ) -> dict:
     """Generates answers for `rows` and scores them.
@@ -422,6 +500,9 @@ def evaluate_vqa(
         limit: Evaluate only the first `limit` rows.
         prompt_suffix: Text appended to each question on a new line, e.g. LLaVA's
             "Answer the question using a single word or phrase."
+        describe_first: Ask each question after the model's own description of its image, in reply to this
+            prompt (`generate_answers`); a protocol of ours, stated in the metrics as `describe_first`.
+        describe_tokens: Longest description.
         progress: Show a tqdm progress bar.
 
     Returns:
@@ -437,8 +518,11 @@ def evaluate_vqa(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         prompt_suffix=prompt_suffix,
+        describe_first=describe_first,
+        describe_tokens=describe_tokens,
         progress=progress,
     )
     for p in predictions:
         p["accuracy"], p["exact_match"] = answer_accuracy(p["prediction"], p["answers"])
-    return {**score_predictions(predictions), "predictions": predictions}
+    protocol = {} if describe_first is None else {"describe_first": describe_first}
+    return {**score_predictions(predictions), **protocol, "predictions": predictions}

@@ -188,18 +188,25 @@ class EveProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
-    def chat_prompt(self, content: str, system: str | None = None) -> str:
-        """One user turn (`content`, with `<image>` where an image goes) rendered with the chat template and
-        its generation prompt.
+    def chat_prompt(self, content: str, system: str | None = None, history: list[dict] | None = None) -> str:
+        """One user turn rendered with the chat template and its generation prompt.
 
-        The system message is `system` if given; else, for a turn with an image, `self.system_prompt`; else
-        the template's default, so a text-only turn renders as it does for the base LLM.
+        The system message is `system` if given; else, for a conversation with an image, `self.system_prompt`;
+        else the template's default, so a text-only turn renders as it does for the base LLM.
+
+        Args:
+            content: The user turn's text, with `<image>` where an image goes.
+            system: The system message (default: see above).
+            history: Earlier `{"role", "content"}` messages (user and assistant turns, no system message),
+                rendered before `content`; an `<image>` in them counts as the conversation's image.
         """
-        if system is None and self.image_token in content:
+        messages = [*(history or []), {"role": "user", "content": content}]
+        with_images = any(self.image_token in m["content"] for m in messages)
+        if system is None and with_images:
             system = self.system_prompt
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": content})
-        return self.generation_prompt(messages, with_images=self.image_token in content)
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.generation_prompt(messages, with_images=with_images)
 
     def generation_prompt(self, messages: list[dict], with_images: bool) -> str:
         """`messages` rendered with the chat template and its generation prompt: with images as training

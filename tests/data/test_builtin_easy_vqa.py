@@ -100,6 +100,9 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
         "dialogues": 2,  # one conversation per train image (fewer than DIALOGUE_TURNS questions each)
         "dialogues_balanced": 1,  # the two "no" answers have no "yes" of their form to balance them: dropped
         "dialogues_open": 1,  # image 1 was asked yes/no questions only
+        "dialogues_described": 2,
+        "dialogues_balanced_described": 1,
+        "dialogues_open_described": 1,
         "test_images": 1,
         "test_questions": 1,
         "test_shape": 0,
@@ -122,12 +125,27 @@ def test_build_on_fake_source_writes_loadable_llava_json(tmp_path):
     dialogues = json.loads((out / "train_dialogues_open.json").read_text())
     assert [d["conversations"][1::2] for d in dialogues] == [[{"from": "gpt", "value": "circle"}]]
     assert dialogues[0]["image"] == "images/train/0.png"
+    described = json.loads((out / "train_dialogues_described.json").read_text())
+    plain = json.loads((out / "train_dialogues.json").read_text())
+    assert described[0]["conversations"][:3] == [
+        {"from": "human", "value": "<image>\nDescribe the image in a few words."},
+        {"from": "gpt", "value": "A red circle."},
+        {"from": "human", "value": plain[0]["conversations"][0]["value"].removeprefix("<image>\n")},
+    ]
+    assert described[0]["conversations"][3:] == plain[0]["conversations"][1:]
+    assert sum("<image>" in t["value"] for t in described[0]["conversations"]) == 1
+    assert described[1] == plain[1]  # image 1's caption is unknown: no caption turn
+    open_described = json.loads((out / "train_dialogues_open_described.json").read_text())
+    assert open_described[0]["conversations"][1] == {"from": "gpt", "value": "A red circle."}
     for name in (
         "captions",
         "train",
         "train_dialogues",
         "train_dialogues_balanced",
         "train_dialogues_open",
+        "train_dialogues_described",
+        "train_dialogues_balanced_described",
+        "train_dialogues_open_described",
         "test",
     ):
         rows = load_rows([DataSource(str(out / f"{name}.json"))]).rows

@@ -65,6 +65,20 @@ def test_report_renders_one_row_per_model(tmp_path):
     assert "predictions" not in saved["models"]["stage1"]["vqa"]
 
 
+def test_report_names_the_describe_first_protocol_and_the_models_asked_so(tmp_path):
+    described = fake_metrics(3)
+    described["vqa"]["describe_first"] = "Describe the image."
+    text = Path(write_report({"one_turn": fake_metrics(1), "described": described}, tmp_path)).read_text()
+    assert (
+        'Describe first (`described`): each question is asked after the model\'s own reply to "Describe the image."'
+        in text
+    )
+    note = next(line for line in text.splitlines() if line.startswith("Accuracy in %"))
+    assert "`described`" in note and "`one_turn`" not in note
+    plain = Path(write_report({"one_turn": fake_metrics(1)}, tmp_path / "plain")).read_text()
+    assert "Describe first" not in plain
+
+
 def test_single_model_metrics_are_named_model(tmp_path):
     write_report(fake_metrics(2), tmp_path)
     assert list(json.loads((tmp_path / "metrics.json").read_text())["models"]) == ["model"]

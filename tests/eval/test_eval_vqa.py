@@ -15,12 +15,15 @@ from PIL import Image
 from eve_vlm.errors import DataError
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.eval.vqa import (
+    _stop_token_ids,
     answer_accuracy,
+    describe_images,
     evaluate_vqa,
     load_vqa_rows,
     modality_batches,
     normalize_answer,
     paired_difference,
+    render_prompt,
     score_predictions,
     standard_error,
 )
@@ -229,6 +232,62 @@ def test_batched_generation_matches_one_by_one_and_never_mixes_modalities(tmp_pa
     assert batched["questions"] == 5 and set(batched["by_type"]) == {"colour", "count", "untyped", "yes/no"}
 
 
+def test_describe_first_asks_each_question_after_the_models_own_description(tmp_path):
+    model, processor = model_and_processor(evf=True, lora=True)
+    rows = load_vqa_rows(write_eval_set(tmp_path))
+    prompt = "describe the shape"
+    batch_sizes = []
+    generate = model.generate
+
+    def spy(**kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return generate(**kwargs)
+
+    model.generate = spy
+    result = evaluate_vqa(
+        model,
+        processor,
+        rows,
+        batch_size=8,
+        max_new_tokens=4,
+        describe_first=prompt,
+        describe_tokens=5,
+        progress=False,
+    )
+    model.generate = generate
+    assert batch_sizes[0] == 3  # img0 (asked twice), img1 and img2, each described once
+    assert result["describe_first"] == prompt
+    descriptions = describe_images(
+        model, processor, [r.image for r in rows if r.image], prompt, batch_size=1, max_new_tokens=5
+    )
+    plain = evaluate_vqa(model, processor, rows, batch_size=1, max_new_tokens=4, progress=False)
+    assert "describe_first" not in plain
+    plain_by_id = {p["id"]: p["prediction"] for p in plain["predictions"]}
+    by_id = {r.id: r for r in rows}
+    for p in result["predictions"]:
+        row = by_id[p["id"]]
+        if row.image is None:  # no image to describe: asked as usual
+            assert p["description"] is None and p["prediction"] == plain_by_id[row.id]
+            continue
+        assert p["description"] == descriptions[row.image]
+        text = render_prompt(processor, row.question, None, (prompt, p["description"]))
+        expected = processor.chat_prompt(
+            row.question.replace("<image>", "").strip(),
+            history=[
+                {"role": "user", "content": f"<image>\n{prompt}"},
+                {"role": "assistant", "content": p["description"]},
+            ],
+        )
+        assert text == expected and text.count("<image>") == 1
+        assert text.index(prompt) < text.index(row.question.replace("<image>", "").strip())
+        with Image.open(row.image) as im:
+            inputs = processor([text], images=[im.convert("RGB")])
+        stop = _stop_token_ids(processor.tokenizer)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=stop, pad_token_id=0)
+        answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert p["prediction"] == answer.strip()
+
+
 def test_modality_batches_group_questions_of_similar_length():
     rows = [
         argparse.Namespace(question="q" * n, image=image)
@@ -253,6 +312,35 @@ def test_eve_eval_vqa_cli(tmp_path):
     assert metrics["questions"] == 4 and len(predictions) == 4
     assert {"id", "prediction", "answers", "accuracy"} <= set(predictions[0])
     assert metrics["accuracy"] == pytest.approx(100 * sum(p["accuracy"] for p in predictions) / 4)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--describe-first", "  "], "--describe-first is empty"),
+        (["--describe-tokens", "0"], "--describe-tokens 0"),
+    ],
+)
+def test_eve_eval_vqa_refuses_an_empty_describe_prompt_or_no_tokens_before_loading(
+    tmp_path, capsys, option, message
+):
+    from eve_vlm.cli import main
+
+    data = write_eval_set(tmp_path)
+    missing = tmp_path / "no-model"  # never loaded: the options are checked first
+    argv = [
+        "eval",
+        "vqa",
+        "--model",
+        str(missing),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        *option,
+    ]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_standard_error_and_paired_difference():

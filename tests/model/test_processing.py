@@ -132,6 +132,24 @@ def test_system_prompt_is_saved_and_used_for_image_turns_only(tmp_path):
     assert make_processor(model).system_prompt is None
 
 
+def test_chat_prompt_renders_a_question_after_its_history_with_the_image_turns_system_prompt():
+    processor = make_processor(tiny_model())
+    processor.system_prompt = "Be brief."
+    history = [
+        {"role": "user", "content": "<image>\ndescribe it"},
+        {"role": "assistant", "content": "a red circle"},
+    ]
+    rendered = processor.chat_prompt("what colour", history=history)
+    assert rendered == processor.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "what colour"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    text_history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    assert "Be brief." not in processor.chat_prompt("what colour", history=text_history)
+    assert history[0] == {"role": "user", "content": "<image>\ndescribe it"}  # not modified
+
+
 def byte_level_tokenizer():
     """A byte-level BPE (as GPT-2, Qwen, Llama-3, SmolLM2) whose merges cross "<image>"'s characters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

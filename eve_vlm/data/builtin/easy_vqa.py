@@ -32,6 +32,13 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
 - `train_dialogues_open.json`: the same with the shape and colour questions only (no yes/no), which the
   question's form does not answer (an earlier turn of the conversation names the answer for about a fifth of
   them, as in the other files); the quickstart's stage 3 trains on it;
+- `train_dialogues_described.json` (and `_balanced_described`, `_open_described`): the same conversations,
+  each opened, when the image's caption is known, by the caption turn ("<image>\\nDescribe the image in a few
+  words." -> "A blue triangle."), the questions following without `<image>`. A model trained on them answers
+  a question after describing the image in its own words, which is how the quickstart evaluates it
+  (`eve eval vqa --describe-first`): the yes/no comparison is then between two words of the conversation, which
+  the 135M LLM learns, and not between a word and the image tokens, which it does not at this budget (README,
+  "Describe, then answer");
 - `test.json`: evaluation only (never trained on), the same rows for the test split;
 - `images/{train,test}/<id>.png`: copies of the package's images.
 
@@ -186,11 +193,19 @@ def dialogue_questions(questions, answers, kept: DialogueSet) -> list[int]:
 
 
 def dialogue_rows(
-    questions, answers, image_ids, image_path, turns: int = DIALOGUE_TURNS, kept: DialogueSet = "all"
+    questions,
+    answers,
+    image_ids,
+    image_path,
+    turns: int = DIALOGUE_TURNS,
+    kept: DialogueSet = "all",
+    captions: dict | None = None,
 ) -> list[dict]:
     """Stages 2/3 rows in LLaVA-665k's multi-turn layout: each image's questions (those `kept`, see
     `dialogue_questions`), shuffled with a seed of the image id, cut into conversations of at most `turns`
-    question/answer turns; in image id order."""
+    question/answer turns; in image id order. With `captions` (image id -> caption), each conversation of an
+    image with a caption opens with the caption turn (`CAPTION_PROMPT` and the caption), which does not count
+    among the `turns`."""
     pairs = defaultdict(list)
     for k in dialogue_questions(questions, answers, kept):
         pairs[image_ids[k]].append((questions[k], answers[k]))
@@ -198,10 +213,12 @@ def dialogue_rows(
     for image_id in sorted(pairs):
         qa = list(pairs[image_id])
         random.Random(image_id).shuffle(qa)
+        caption = (captions or {}).get(image_id)
+        opening = [(CAPTION_PROMPT, caption)] if caption is not None else []
         for part, start in enumerate(range(0, len(qa), turns)):
             conversation = []
-            for k, (question, answer) in enumerate(qa[start : start + turns]):
-                text = question_prompt(question)
+            turns_here = opening + [(question_prompt(q), a) for q, a in qa[start : start + turns]]
+            for k, (text, answer) in enumerate(turns_here):
                 conversation.append({"from": "human", "value": f"<image>\n{text}" if k == 0 else text})
                 conversation.append({"from": "gpt", "value": answer})
             rows.append(
@@ -222,14 +239,17 @@ def facts_by_image(questions, answers, image_ids) -> dict:
     return {image_id: image_facts(found) for image_id, found in pairs.items()}
 
 
+def image_captions(questions, answers, image_ids) -> dict:
+    """The caption of each image id whose questions reveal its shape or colour (`caption_for`)."""
+    facts = facts_by_image(questions, answers, image_ids)
+    captions = {image_id: caption_for(found) for image_id, found in facts.items()}
+    return {image_id: caption for image_id, caption in captions.items() if caption is not None}
+
+
 def caption_rows(questions, answers, image_ids, image_path) -> list[dict]:
     """Stage-1 rows, one per image whose questions reveal its shape or colour, in image id order."""
-    facts = facts_by_image(questions, answers, image_ids)
     rows = []
-    for image_id in sorted(facts):
-        caption = caption_for(facts[image_id])
-        if caption is None:
-            continue
+    for image_id, caption in sorted(image_captions(questions, answers, image_ids).items()):
         rows.append(
             {
                 "id": f"easy-vqa-caption-{image_id}",
@@ -250,7 +270,7 @@ def write_json_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
-    """Writes captions.json, train.json, train_dialogues(_balanced, _open).json, test.json and the images.
+    """Writes captions.json, train.json, train_dialogues(_balanced, _open)(_described).json, test.json, images.
 
     Args:
         out_dir: Destination folder (created if missing).
@@ -284,11 +304,20 @@ def build_easy_vqa(out_dir: str | os.PathLike, source=None) -> dict:
             captions = caption_rows(questions, answers, image_ids, image_path)
             write_json_rows(out / "captions.json", captions)
             counts["captions"] = len(captions)
+            known = image_captions(questions, answers, image_ids)
             for kept in DIALOGUE_SETS:
-                suffix = "" if kept == "all" else f"_{kept}"
-                dialogues = dialogue_rows(questions, answers, image_ids, image_path, kept=kept)
-                write_json_rows(out / f"train_dialogues{suffix}.json", dialogues)
-                counts[f"dialogues{suffix}"] = len(dialogues)
+                for described in (False, True):
+                    suffix = ("" if kept == "all" else f"_{kept}") + ("_described" if described else "")
+                    dialogues = dialogue_rows(
+                        questions,
+                        answers,
+                        image_ids,
+                        image_path,
+                        kept=kept,
+                        captions=known if described else None,
+                    )
+                    write_json_rows(out / f"train_dialogues{suffix}.json", dialogues)
+                    counts[f"dialogues{suffix}"] = len(dialogues)
         else:
             for qtype in ("shape", "color", "yes-no"):
                 counts[f"test_{qtype}"] = sum(r["question_type"] == qtype for r in rows)
