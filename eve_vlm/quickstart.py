@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 RECORD = "quickstart_record.json"
 PENDING = "quickstart_training.json"  # the recipe of a training under way (an interrupted run resumes it)
 LANGUAGE_BATCH = 8  # sequences per forward when scoring perplexity and multiple choice
-VQA_BATCH = 32  # questions per generate call
+VQA_BATCH = 64  # questions per generate call (about 10% faster than 32 on 2 CPU cores, same accuracy on 500)
 VQA_BF16 = True  # greedy answers under bf16 autocast, as stages 2 and 3 train (about 2x faster on a CPU)
 # easy-VQA is asked describe-first: each question follows the model's own caption of its image (the caption
 # turn that opens every training conversation of stages 2 and 3; README, "Describe, then answer").
@@ -159,7 +159,9 @@ def plan_runs(out: Path, smoke: bool, with_baseline: bool, ablation: bool) -> li
     runs = [
         Run("stage1", 1, tuple(stage_overrides(1, out, smoke)), None, vqa=False),
         Run("stage2", 2, tuple(stage_overrides(2, out, smoke)), "stage1"),
-        Run("control", 2, tuple(control_overrides(out, smoke, stage3)), "stage2"),
+        # The control's text path is stage 2's, the base LLM's by construction (its LoRA is off without an
+        # image), so its language is not measured again: the quickstart's time goes to its VQA.
+        Run("control", 2, tuple(control_overrides(out, smoke, stage3)), "stage2", language=False),
         Run("stage3", 3, tuple(stage_overrides(3, out, smoke)), "stage2", routing="own"),
     ]
     if with_baseline:

@@ -42,11 +42,12 @@ def test_quickstart_smoke(assets, tmp_path):
         assert f"`{name}`" in text
     saved = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     metrics = saved["models"]
-    for name in ("stage1", "stage2", "control", "stage3"):  # the elastic guarantee on real weights
+    for name in ("stage1", "stage2", "stage3"):  # the elastic guarantee on real weights
         language = metrics[name]["language"]
         assert language["text"]["delta_perplexity"] == 0.0
         assert language["mc"]["wordnet_mc"]["delta_acc"] == 0.0
     assert metrics["stage1"]["vqa"] is None  # trained on captions: no VQA evaluation
+    assert not metrics["control"]["language"]  # stage 2's text path: not measured again
     assert metrics["baseline"]["language"]["text"]["delta_perplexity"] != 0.0
     assert metrics["stage3"]["routing"]
     record = json.loads((tmp_path / "qs" / "stage3" / RECORD).read_text())

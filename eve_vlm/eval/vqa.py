@@ -315,7 +315,8 @@ def load_vqa_rows(
     return rows
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end a generated reply: the tokenizer's end-of-turn tokens and its eos, sorted."""
     vocab = tokenizer.get_vocab()
     ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
     if tokenizer.eos_token_id is not None:
@@ -354,14 +355,27 @@ def render_prompt(
         {"role": "user", "content": f"{marker}\n{prompt}"},
         {"role": "assistant", "content": reply.replace(marker, "")},  # one image, one placeholder
     ]
-    question_only = re.sub(rf"[ \t]*{re.escape(marker)}[ \t]*\n?", " ", content).strip()
-    return processor.chat_prompt(re.sub(r" {2,}", " ", question_only), history=history)
+    return processor.chat_prompt(without_marker(content, marker), history=history)
+
+
+def without_marker(text: str, marker: str) -> str:
+    """`text` with every `marker` taken out, wherever it stands: a line that held only the marker goes, and on a
+    line that held it beside words the words close up around one space."""
+    lines = []
+    for line in text.split("\n"):
+        if marker not in line:
+            lines.append(line)
+            continue
+        line = re.sub(r"[ \t]{2,}", " ", line.replace(marker, " ")).strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines).strip()
 
 
 def _greedy(model, processor, texts: list[str], images: list[Image.Image], max_new_tokens: int) -> list[str]:
     """Greedy continuations of left-padded `texts` (KV cache; stops at an end of turn), stripped."""
     tokenizer = processor.tokenizer
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:

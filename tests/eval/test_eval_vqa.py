@@ -15,7 +15,7 @@ from PIL import Image
 from eve_vlm.errors import DataError
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.eval.vqa import (
-    _stop_token_ids,
+    stop_token_ids,
     answer_accuracy,
     describe_images,
     evaluate_vqa,
@@ -282,10 +282,34 @@ def test_describe_first_asks_each_question_after_the_models_own_description(tmp_
         assert text.index(prompt) < text.index(row.question.replace("<image>", "").strip())
         with Image.open(row.image) as im:
             inputs = processor([text], images=[im.convert("RGB")])
-        stop = _stop_token_ids(processor.tokenizer)
+        stop = stop_token_ids(processor.tokenizer)
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=stop, pad_token_id=0)
         answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         assert p["prediction"] == answer.strip()
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "<image>\nWhat colour is the shape?\nAnswer with one word.",
+        "What colour is the shape?\n<image>\nAnswer with one word.",
+        "What colour is the shape?\nAnswer with one word.\n<image>",
+        "What colour is <image> the shape?\nAnswer with one word.",
+        "What colour is<image> the shape?\nAnswer with one word.",
+    ],
+)
+def test_describe_first_prompt_moves_the_image_to_the_first_turn_wherever_the_question_has_it(question):
+    _, processor = model_and_processor(evf=False)
+    text = render_prompt(processor, question, None, ("describe it", "A red circle."))
+    expected = processor.chat_prompt(
+        "What colour is the shape?\nAnswer with one word.",
+        history=[
+            {"role": "user", "content": "<image>\ndescribe it"},
+            {"role": "assistant", "content": "A red circle."},
+        ],
+    )
+    assert text == expected
+    assert text.count("<image>") == 1 and text.index("<image>") < text.index("describe it")
 
 
 def test_modality_batches_group_questions_of_similar_length():

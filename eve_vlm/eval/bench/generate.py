@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from eve_vlm.eval.bench.answers import answers_row, read_finished
 from eve_vlm.eval.bench.base import Question
-from eve_vlm.eval.vqa import _stop_token_ids
+from eve_vlm.eval.vqa import stop_token_ids
 
 __all__ = ["generate_benchmark_answers"]
 
@@ -69,7 +69,7 @@ def generate_benchmark_answers(
     done = read_finished(answers_file)
     todo = [q for q in questions if (str(q.question_id), q.prompt) not in done]
     tokenizer = processor.tokenizer
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     bar = tqdm(
