@@ -6,12 +6,13 @@ as the quickstart evaluates it, on the quickstart's sets (`eve prepare`):
 - `bf16_autocast`: float32 weights, generation under bf16 autocast (the quickstart report's setting);
 - `bf16`: `--dtype bfloat16` (bf16 weights; the EVF routers stay fp32);
 - `int8`: `--quantize int8` (dynamic int8 linear layers, `eve_vlm/quantize.py`).
-Per variant: easy-VQA accuracy (`Evaluator.vqa`: greedy, 4 new tokens, batches of 32, each question after the
-model's own caption of its image) on `--vqa-limit` test questions spread over
-the test split, with its standard error, and the paired difference to the first variant listed (`fp32` by
-default) on the same questions with its standard error; wall time of that VQA run (eval mode, one process, `--threads`); the text path's perplexity on
-the held-out fortunes text and its WordNet multiple-choice accuracy, each with its delta against the base LLM in
-float32 (the elastic guarantee makes that delta 0 for fp32; a quantised text path is no longer the base LLM's).
+Per variant: easy-VQA accuracy (`Evaluator.vqa`: greedy, 4 new tokens, batches of `VQA_BATCH`, each question
+after the model's own caption of its image) on `--vqa-limit` test questions spread over the test split, with
+its standard error, and the paired difference to the first variant listed (`fp32` by default) on the same
+questions with its standard error; wall time of that VQA run (eval mode, one process, `--threads`); the text
+path's perplexity on the held-out fortunes text and its WordNet multiple-choice accuracy, each with its delta
+against the base LLM in float32 (the elastic guarantee makes that delta 0 for fp32; a quantised text path is
+no longer the base LLM's).
 
 Usage (after `eve quickstart`):
 

@@ -30,9 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import prepare  # noqa: E402
+from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT  # noqa: E402
 from eve_vlm.eval.vqa import paired_difference  # noqa: E402
 from eve_vlm.quickstart import (  # noqa: E402
+    DESCRIBE_TOKENS,
     RECORD,
+    VQA_BATCH,
+    VQA_BF16,
     Evaluator,
     Run,
     control_overrides,
@@ -86,6 +90,25 @@ def main() -> None:
         print(
             f"{', '.join(stale)} in {qs} were trained from other recipes than the current ones: run "
             f"`eve quickstart --out {args.quickstart}` again first.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    asked = {  # how the seeds added here are evaluated; the records read must match it
+        "vqa": args.vqa_limit,
+        "describe_first": CAPTION_PROMPT,
+        "describe_tokens": DESCRIBE_TOKENS,
+        "vqa_batch": VQA_BATCH,
+        "vqa_bf16": VQA_BF16,
+    }
+    other = [
+        name
+        for name, record in records.items()
+        if {k: record["key"].get("eval", {}).get(k) for k in asked} != asked
+    ]
+    if other:  # left padding under bf16 can change a greedy answer with the batch size
+        print(
+            f"{', '.join(other)} in {qs} were evaluated otherwise than the seeds would be ({asked}): run "
+            f"`eve quickstart --out {args.quickstart}` again first, or pass the --vqa-limit it used.",
             file=sys.stderr,
         )
         sys.exit(2)

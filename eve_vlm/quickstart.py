@@ -7,7 +7,8 @@
    the same `vqa_limit` questions (each asked after the model's own caption of its image, `Evaluator.vqa`;
    greedy, under bf16 autocast; with its standard error, and paired
    differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
-   and multiple-choice accuracy next to the base LLM's (the delta must be 0.000: the elastic guarantee), and
+   and multiple-choice accuracy next to the base LLM's (the delta must be 0.000: the elastic guarantee; not
+   for the control, whose text path is stage 2's), and
    after stage 3 the routing of every EVF layer under each allocation policy (at stage 3's training capacity,
    where with 2 experts and factor 2.0 nothing is dropped: only `modality` differs there).
 3. With `--with-baseline`: a LLaVA-style stage 2 that trains the full LLM (no LoRA) from the same stage 1,

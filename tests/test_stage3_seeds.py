@@ -7,7 +7,16 @@ from pathlib import Path
 
 from conftest import run_benchmark
 
-from eve_vlm.quickstart import RECORD, control_overrides, recipe_record, recipes_dir, stage_overrides
+from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT
+from eve_vlm.quickstart import (
+    DESCRIBE_TOKENS,
+    RECORD,
+    VQA_BF16,
+    control_overrides,
+    recipe_record,
+    recipes_dir,
+    stage_overrides,
+)
 from eve_vlm.train.recipe import load_recipe
 
 
@@ -37,3 +46,22 @@ def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):
         f"control in {tmp_path} were trained from other recipes"
     )  # stage 3 is current
     assert not (tmp_path / "seeds").exists()  # nothing trained
+
+
+def test_records_evaluated_in_other_batches_are_not_mixed_with_new_seeds(tmp_path):
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
+    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
+    evaluated = {"vqa": 2000, "describe_first": CAPTION_PROMPT, "describe_tokens": DESCRIBE_TOKENS}
+    evaluated |= {"vqa_batch": 32, "vqa_bf16": VQA_BF16}  # the quickstart's batches before 64
+    for name, recipe in (
+        ("stage2", {}),
+        ("stage3", recipe_record(stage3)),
+        ("control", recipe_record(control)),
+    ):
+        (tmp_path / name).mkdir()
+        record = {"key": {"recipe": recipe, "eval": evaluated}, "metrics": {"vqa": {"predictions": []}}}
+        (tmp_path / name / RECORD).write_text(json.dumps(record))
+    proc = run_script(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"stage2, control, stage3 in {tmp_path} were evaluated otherwise")
+    assert not (tmp_path / "seeds").exists()

@@ -57,6 +57,8 @@ __all__ = [
     "paired_difference",
     "score_predictions",
     "standard_error",
+    "stop_token_ids",
+    "without_marker",
 ]
 
 SOFT_MATCHES = 3  # VQAv2: an answer given by 3 of the annotators counts fully

@@ -15,7 +15,6 @@ from PIL import Image
 from eve_vlm.errors import DataError
 from eve_vlm.eval.cli import add_eval_parser
 from eve_vlm.eval.vqa import (
-    stop_token_ids,
     answer_accuracy,
     describe_images,
     evaluate_vqa,
@@ -26,6 +25,7 @@ from eve_vlm.eval.vqa import (
     render_prompt,
     score_predictions,
     standard_error,
+    stop_token_ids,
 )
 from eve_vlm.model import EveProcessor
 
