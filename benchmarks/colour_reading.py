@@ -45,7 +45,7 @@ from eve_vlm.quickstart import DESCRIBE_TOKENS, VQA_BATCH  # noqa: E402
 PROBE_LAYERS = (1, 4, 8)  # besides the layer the model uses
 
 
-def test_truth(test_file: Path, limit: int) -> tuple[list[str], dict[str, str], dict[str, str]]:
+def truth_by_image(test_file: Path, limit: int) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """The first `limit` test images with a known colour (sorted), and each image's colour and shape as the
     test questions give them ("What is the red shape?" names both)."""
     colour, shape = {}, {}
@@ -154,7 +154,7 @@ def main() -> None:
     except EveError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    images, colour, shape = test_truth(Path(paths["easy_vqa_test"]), args.images)
+    images, colour, shape = truth_by_image(Path(paths["easy_vqa_test"]), args.images)
     for model_dir in args.models:
         print(json.dumps(caption_scores(model_dir, images, colour, shape)), flush=True)
 
