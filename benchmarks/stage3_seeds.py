@@ -2,8 +2,8 @@
 
 The quickstart report compares one stage 3 with one control, each a single training run, with the standard
 error of sampling questions; it says nothing of how much a second training run of either would move. This
-trains the quickstart's stage 3 (`recipes/quickstart/stage3.yaml`) and its control (stage 2 continued on its
-own data for as many steps; `control_overrides` in `eve_vlm/quickstart.py`) again with other `training.seed`
+trains the quickstart's stage 3 (`recipes/quickstart/stage3.yaml`) and its control (stage 2 continued on stage
+3's data for as many steps; `control_overrides` in `eve_vlm/quickstart.py`) again with other `training.seed`
 values, from the stage 2 of an earlier `eve quickstart`, and evaluates each on the quickstart's easy-VQA
 questions (the same rows, bf16 autocast, greedy, as `eve quickstart`). The seed changes the order of the
 training data and the batches the routers' warm start is fitted on (the vision FFNs start as copies of the

@@ -2,8 +2,8 @@
 
 1. `eve prepare` (idempotent): SmolLM2-135M-Instruct, DINOv2-S, easy-VQA, the language-evaluation sets.
 2. Stages 1 -> 2 -> 3 with `recipes/quickstart/stage{1,2,3}.yaml`, and a **control**: stage 2 continued from
-   its own result, on its own data, for as many steps and with the same seed as stage 3 trains, so the report
-   shows whether stage 3 beats simply training stage 2 longer. Each model is evaluated: easy-VQA test accuracy on
+   its own result on stage 3's data, steps, batch and seed (its own parameters and learning rate), so the report
+   shows whether stage 3 beats simply training stage 2 longer on the same data. Each model is evaluated: easy-VQA test accuracy on
    the same `vqa_limit` questions (each asked after the model's own caption of its image, `Evaluator.vqa`;
    greedy, under bf16 autocast; with its standard error, and paired
    differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
@@ -130,13 +130,18 @@ def recipe_record(recipe: Recipe) -> dict:
 
 
 def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
-    """Stage 2 continued from its own result for stage 3's steps and seed, on stage 2's own data, learning rate
-    and trainable parameters (projector and LoRA): training stage 2 longer, the alternative to stage 3."""
-    t = stage3.training
+    """Stage 2 continued from its own result on stage 3's data, steps, batch and seed, with stage 2's learning
+    rate and trainable parameters (projector and LoRA): the same extra training as stage 3, spent on stage 2's
+    parameters instead of the vision FFNs. (Stage 2's system prompt is kept; it is the one stage 3 inherits.)"""
+    t, d = stage3.training, stage3.data
     overrides = stage_overrides(2, out, smoke, init_from=out / "stage2") + [
         f"training.output_dir={out / 'control'}",
         f"training.max_steps={t.max_steps}",
+        f"training.per_device_train_batch_size={t.per_device_train_batch_size}",
         f"training.seed={t.seed}",
+        "data.sources=" + json.dumps([asdict(s) for s in d.sources]),
+        f"data.template={d.template}",
+        f"data.max_length={d.max_length}",
     ]
     return overrides
 

@@ -66,9 +66,10 @@ def test_quickstart_smoke(assets, tmp_path):
     assert control["steps"] == stage3["steps"] and control["recipe"]["model"]["init_from"].endswith("stage2")
     assert control["recipe"]["training"]["seed"] == stage3["recipe"]["training"]["seed"]
     stage2 = json.loads((tmp_path / "qs" / "stage2" / DONE_MARKER).read_text())
-    sources = stage3["recipe"]["data"]["sources"]  # stage 3: the open questions; the control: stage 2's data
-    assert [Path(s["path"]).name for s in sources] == ["train_dialogues_open_described.json"]
-    assert control["recipe"]["data"]["sources"] == stage2["recipe"]["data"]["sources"] != sources
+    sources = stage3["recipe"]["data"]["sources"]  # stage 3 and the control: the caption turns
+    assert [Path(s["path"]).name for s in sources] == ["captions.json"]
+    assert control["recipe"]["data"]["sources"] == sources != stage2["recipe"]["data"]["sources"]
+    assert control["recipe"]["lora"] == stage2["recipe"]["lora"]
     rts = json.loads((tmp_path / "qs" / "ablation" / "rts" / DONE_MARKER).read_text())["recipe"]
     assert rts["evf"]["allocation"] == "rts" and rts["evf"]["capacity_factor"] == 1.5
     assert rts["training"]["max_steps"] == 2  # half of the smoke run's 3 steps, rounded
@@ -243,16 +244,24 @@ def test_reuse_follows_recipes_parents_and_interruptions(tmp_path, monkeypatch):
     assert not (out / "control" / qs.PENDING).exists()
 
 
-def test_stage3_trains_on_open_questions_and_the_control_continues_stage2_as_it_was(tmp_path):
+def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_path):
     from eve_vlm.quickstart import control_overrides, recipes_dir, stage_overrides
     from eve_vlm.train.recipe import load_recipe
 
     stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
     stage2 = load_recipe(recipes_dir() / "stage2.yaml", stage_overrides(2, tmp_path, False))
     control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
-    assert [Path(s.path).name for s in stage3.data.sources] == ["train_dialogues_open_described.json"]
+    assert [Path(s.path).name for s in stage3.data.sources] == ["captions.json"]
     assert [Path(s.path).name for s in stage2.data.sources] == ["train_dialogues_described.json"]
-    assert control.data == stage2.data and control.lora == stage2.lora
-    assert control.training.max_steps == stage3.training.max_steps
-    assert control.training.seed == stage3.training.seed
+    # The same extra training as stage 3 ...
+    assert control.data.sources == stage3.data.sources
+    assert (control.data.template, control.data.max_length) == (stage3.data.template, stage3.data.max_length)
+    t, c = stage3.training, control.training
+    assert (c.max_steps, c.per_device_train_batch_size, c.seed) == (t.max_steps, t.per_device_train_batch_size, t.seed)
+    # ... spent on stage 2's parameters, at stage 2's learning rate and under its system prompt.
+    assert control.lora == stage2.lora and control.trainable == stage2.trainable
+    assert c.learning_rate == stage2.training.learning_rate
+    assert control.data.system_prompt == stage2.data.system_prompt == ""
     assert control.model.init_from == str(tmp_path / "stage2")
+    # Stage 3 trains the projector with the routers and vision FFNs: all of them act on image tokens only.
+    assert [r.pattern for r in stage3.trainable] == ["^projector\\.", "\\.mlp\\.router\\.", "\\.mlp\\.vision_ffns\\."]

@@ -31,7 +31,8 @@ def test_a_missing_or_stale_quickstart_is_named_with_exit_2(tmp_path):
     stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
     control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
     old_control = recipe_record(control)
-    old_control["data"]["sources"] = [asdict(s) for s in stage3.data.sources]  # the control of older recipes
+    stage2 = load_recipe(recipes_dir() / "stage2.yaml", stage_overrides(2, tmp_path, False))
+    old_control["data"]["sources"] = [asdict(s) for s in stage2.data.sources]  # the control of older recipes
     for name, recipe in (
         ("stage2", {}),
         ("stage3", recipe_record(stage3)),
