@@ -210,7 +210,7 @@ class Evaluator:
         self.vqa_rows = rows[::step][:vqa_limit]  # spread over the whole test split
         # Routing is measured on stage 2's conversations (the caption turn, then up to 4 questions of every
         # type): capacity and drops depend on the image's share of the tokens, which is larger in a single test
-        # question. Stage 3 trains on the shape and colour questions only (fewer turns, a larger image share).
+        # question. Stage 3 trains on the caption turns alone (an image is about a third of their tokens).
         source = DataSource(str(paths["easy_vqa_dialogues"]), None, 1.0)
         dialogues = load_rows([source], check_images=False).rows
         self.routing_rows = dialogues[:: max(1, len(dialogues) // routing_limit)][:routing_limit]
