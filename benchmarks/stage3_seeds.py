@@ -12,10 +12,10 @@ their records and counted as one seed.
 
     python benchmarks/stage3_seeds.py --quickstart runs/quickstart --seeds 2 3
 
-Output: one JSON line per seed (accuracy of stage 3 and control, paired differences to each other and to stage
-2 with the standard error over questions), then one summary line (mean over seeds and the standard error of
-that mean across seeds). Trained models go to `--out`. Needs the default parts (`eve prepare`) and a finished
-`eve quickstart`; timing is the machine's: run nothing else meanwhile.
+Output: one JSON line per seed (accuracy of stage 3 and control, overall and per question type, paired
+differences to each other and to stage 2 with the standard error over questions), then one summary line (mean
+over seeds and the standard error of that mean across seeds). Trained models go to `--out`. Needs the default
+parts (`eve prepare`) and a finished `eve quickstart`; timing is the machine's: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -140,7 +140,13 @@ def main() -> None:
             f"control-seed{seed}", 2, [*control_overrides(qs, False, stage3_recipe), f"training.seed={seed}"]
         )
         rows.append({"seed": seed, "stage3": stage3, "control": control, "train_s": [s3_seconds, c_seconds]})
-    summary: dict[str, list[float]] = {"stage3": [], "control": [], "stage3-control": [], "stage3-stage2": []}
+    summary: dict[str, list[float]] = {
+        "stage3": [],
+        "control": [],
+        "stage3-control": [],
+        "stage3-stage2": [],
+        "control-stage2": [],
+    }
     for row in rows:
         line = {
             "seed": row["seed"],
@@ -150,13 +156,17 @@ def main() -> None:
             "stage3-control": paired(row["stage3"], row["control"]),
             "stage3-stage2": paired(row["stage3"], stage2),
             "control-stage2": paired(row["control"], stage2),
+            "by_type": {  # accuracy per question type, as the quickstart report gives it
+                name: {kind: round(v["accuracy"], 2) for kind, v in row[name]["by_type"].items()}
+                for name in ("stage3", "control")
+            },
         }
         if "train_s" in row:
             line["train_s"] = [round(s) for s in row["train_s"]]
         print(json.dumps(line), flush=True)
         for key in ("stage3", "control"):
             summary[key].append(line[key])
-        for key in ("stage3-control", "stage3-stage2"):
+        for key in ("stage3-control", "stage3-stage2", "control-stage2"):
             summary[key].append(line[key]["difference"])
     print(
         json.dumps(

@@ -258,6 +258,14 @@ def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_p
     assert (control.data.template, control.data.max_length) == (stage3.data.template, stage3.data.max_length)
     t, c = stage3.training, control.training
     assert (c.max_steps, c.per_device_train_batch_size, c.seed) == (t.max_steps, t.per_device_train_batch_size, t.seed)
+    assert c.gradient_accumulation_steps == t.gradient_accumulation_steps
+    # A stage 3 that accumulates micro-batches is followed too.
+    other = load_recipe(
+        recipes_dir() / "stage3.yaml",
+        [*stage_overrides(3, tmp_path, False), "training.gradient_accumulation_steps=2"],
+    )
+    accumulating = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, other))
+    assert accumulating.training.gradient_accumulation_steps == 2
     # ... spent on stage 2's parameters, at stage 2's learning rate and under its system prompt.
     assert control.lora == stage2.lora and control.trainable == stage2.trainable
     assert c.learning_rate == stage2.training.learning_rate

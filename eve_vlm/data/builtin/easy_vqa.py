@@ -15,8 +15,9 @@ giving 3,971 caption rows; the 29 images with neither known get none.
 
 Files written (image paths relative to the JSON files' folder, which is LLaVA's default image folder):
 
-- `captions.json`: stage 1, one row per captioned train image, human "<image>\\nDescribe the image in a few
-  words." and the caption as the gpt turn (the `plain` template uses image + caption only);
+- `captions.json`: one row per captioned train image, human "<image>\\nDescribe the image in a few words." and
+  the caption as the gpt turn: stage 1 trains on it in the `plain` template (image + caption only), the
+  quickstart's stage 3 in the chat template;
 - `train.json`: stages 2/3, one row per train question: "<image>\\n<Question>? Answer with one word." and the
   one-word answer; the instruction makes the expected reply format explicit to a chat LM;
 - `train_dialogues.json`: the questions in LLaVA-665k's layout, an image's questions as the turns of
@@ -31,7 +32,7 @@ Files written (image paths relative to the JSON files' folder, which is LLaVA's 
   yes/no questions at chance, so the quickstart's stage 2 trains on the raw mix);
 - `train_dialogues_open.json`: the same with the shape and colour questions only (no yes/no), which the
   question's form does not answer (an earlier turn of the conversation names the answer for about a fifth of
-  them, as in the other files); the quickstart's stage 3 trains on it;
+  them, as in the other files);
 - `train_dialogues_described.json` (and `_balanced_described`, `_open_described`): the same conversations,
   each opened, when the image's caption is known, by the caption turn ("<image>\\nDescribe the image in a few
   words." -> "A blue triangle."), the questions following without `<image>`. A model trained on them answers
