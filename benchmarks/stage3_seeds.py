@@ -30,19 +30,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import prepare  # noqa: E402
-from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT  # noqa: E402
 from eve_vlm.eval.vqa import paired_difference  # noqa: E402
 from eve_vlm.quickstart import (  # noqa: E402
-    DESCRIBE_TOKENS,
     RECORD,
-    VQA_BATCH,
-    VQA_BF16,
     Evaluator,
     Run,
     control_overrides,
     recipe_record,
     recipes_dir,
     stage_overrides,
+    vqa_settings,
 )
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
@@ -93,13 +90,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    asked = {  # how the seeds added here are evaluated; the records read must match it
-        "vqa": args.vqa_limit,
-        "describe_first": CAPTION_PROMPT,
-        "describe_tokens": DESCRIBE_TOKENS,
-        "vqa_batch": VQA_BATCH,
-        "vqa_bf16": VQA_BF16,
-    }
+    asked = vqa_settings(args.vqa_limit)  # how the seeds added here are evaluated; the records must match it
     other = [
         name
         for name, record in records.items()

@@ -363,6 +363,19 @@ def clear_for_training(model_dir: Path, recipe: dict, parent_dir: Path | None) -
         pending.write_text(json.dumps(recipe))
 
 
+def vqa_settings(vqa_limit: int) -> dict:
+    """How the quickstart asks easy-VQA, as its records keep it: the question count, the describe-first prompt
+    and its token budget, the batch size and bf16 (left padding under bf16 can change a greedy answer with the
+    batch size). A record whose settings differ was scored otherwise."""
+    return {
+        "vqa": vqa_limit,
+        "describe_first": CAPTION_PROMPT,
+        "describe_tokens": DESCRIBE_TOKENS,
+        "vqa_batch": VQA_BATCH,
+        "vqa_bf16": VQA_BF16,
+    }
+
+
 def train_or_reuse(run: Run, out_dir: Path, settings: dict, evaluate: Evaluator, log=print) -> dict:
     """Trains and evaluates one run, or reuses what an earlier run left: the evaluation when the recipe and
     the evaluation settings match, the model alone when the recipe matches; nothing when the model is older
@@ -378,7 +391,7 @@ def train_or_reuse(run: Run, out_dir: Path, settings: dict, evaluate: Evaluator,
     evals = {"vqa": run.vqa, "language": run.language, "routing": run.routing}
     key = {
         "recipe": recipe_dict,
-        "eval": {**settings, "parts": evals, "vqa_batch": VQA_BATCH, "vqa_bf16": VQA_BF16},
+        "eval": {**settings, "parts": evals},
     }
     current = up_to_date(model_dir, parent_dir)
     record = load_record(model_dir, key) if current else None
@@ -441,13 +454,11 @@ def run_quickstart(
     metrics: dict[str, dict] = {}
     plots: dict[str, list[str]] = {}
     settings = {
-        "vqa": vqa_limit,
+        **vqa_settings(vqa_limit),
         "mc": mc_limit,
         "text_chars": text_chars,
         "routing": routing_limit,
         "routing_rows": "train_dialogues_described",
-        "describe_first": CAPTION_PROMPT,
-        "describe_tokens": DESCRIBE_TOKENS,
     }
     if dtype not in (None, "float32"):
         settings["dtype"] = dtype  # absent: float32, as in the records of runs before the option
