@@ -11,6 +11,10 @@ language FFNs whatever the seed). The quickstart's own stage 3 and control (the 
 their records and counted as one seed.
 
     python benchmarks/stage3_seeds.py --quickstart runs/quickstart --seeds 2 3
+    python benchmarks/stage3_seeds.py --seeds 4 5 --previous benchmarks/results-stage3_seeds-cpu2.jsonl
+
+`--previous FILE` counts the seeds of an earlier output of this script in the summary without training them
+again; its line for the quickstart's own seed must equal this run's (the same stage 2, stage 3 and control).
 
 Output: one JSON line per seed (accuracy of stage 3 and control, overall and per question type, paired
 differences to each other and to stage 2 with the standard error over questions), then one summary line (mean
@@ -21,6 +25,7 @@ parts (`eve prepare`) and a finished `eve quickstart`; timing is the machine's: 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -55,12 +60,42 @@ def mean(values: list[float]) -> float:
     return round(statistics.fmean(values), 3)
 
 
+# what a previous output's line for the quickstart's seed must share with this run's
+COMPARED = ("seed", "stage2", "stage3", "control", "stage3-control", "stage3-stage2", "control-stage2")
+
+
+def spread(values: list[float]) -> float | None:
+    """The standard error of the mean across seeds (None for one seed)."""
+    return round(statistics.stdev(values) / len(values) ** 0.5, 3) if len(values) > 1 else None
+
+
+def read_previous(path: Path, seeds: list[int]) -> list[dict]:
+    """The per-seed lines of an earlier output (its first line is the quickstart's own seed), less the seeds
+    this run trains again."""
+    try:
+        rows = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"--previous {path}: not readable as this script's JSON lines ({err}).", file=sys.stderr)
+        sys.exit(2)
+    lines = [row for row in rows if "seed" in row]  # the summary line has "seeds"
+    if not lines:
+        print(f'--previous {path}: no per-seed lines (a line with "seed").', file=sys.stderr)
+        sys.exit(2)
+    return lines[:1] + [line for line in lines[1:] if line["seed"] not in seeds]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quickstart", default="runs/quickstart", help="folder of a finished eve quickstart")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="training seeds to add")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[2, 3], help="training seeds to add (none: only summarise)"
+    )
     parser.add_argument("--out", default="runs/stage3_seeds")
     parser.add_argument("--vqa-limit", type=int, default=2000)
+    parser.add_argument(
+        "--previous",
+        help="an earlier output of this script, for the same quickstart: its seeds are counted too",
+    )
     args = parser.parse_args()
     qs, out = Path(args.quickstart).resolve(), Path(args.out).resolve()
     missing = [
@@ -103,7 +138,11 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    evaluate = Evaluator(prepare(log=lambda *_: None)["paths"], args.vqa_limit, 1, 1, 1)
+    previous = read_previous(Path(args.previous), args.seeds) if args.previous else []
+
+    @functools.cache
+    def evaluator() -> Evaluator:  # built when the first seed is trained (a summary alone needs no assets)
+        return Evaluator(prepare(log=lambda *_: None)["paths"], args.vqa_limit, 1, 1, 1)
 
     def train_and_score(name: str, stage: int, overrides: list[str]) -> tuple[dict, float]:
         model_dir = out / name
@@ -113,16 +152,39 @@ def main() -> None:
         start = time.time()
         run_stage(recipe, log=lambda *_: None)
         seconds = time.time() - start
-        metrics, _ = evaluate(Run(name, stage, (), None, language=False), model_dir, out)
+        metrics, _ = evaluator()(Run(name, stage, (), None, language=False), model_dir, out)
         return metrics["vqa"], seconds
 
-    rows = [
-        {
-            "seed": stage3_recipe.training.seed,
-            "stage3": records["stage3"]["metrics"]["vqa"],
-            "control": records["control"]["metrics"]["vqa"],
+    def seed_line(seed: int, stage3: dict, control: dict, train_s: list[float] | None = None) -> dict:
+        line = {
+            "seed": seed,
+            "stage2": round(stage2["accuracy"], 3),
+            "stage3": round(stage3["accuracy"], 3),
+            "control": round(control["accuracy"], 3),
+            "stage3-control": paired(stage3, control),
+            "stage3-stage2": paired(stage3, stage2),
+            "control-stage2": paired(control, stage2),
+            "by_type": {  # accuracy per question type, as the quickstart report gives it
+                name: {kind: round(v["accuracy"], 2) for kind, v in result["by_type"].items()}
+                for name, result in (("stage3", stage3), ("control", control))
+            },
         }
-    ]
+        if train_s:
+            line["train_s"] = [round(s) for s in train_s]
+        return line
+
+    first = seed_line(
+        stage3_recipe.training.seed, records["stage3"]["metrics"]["vqa"], records["control"]["metrics"]["vqa"]
+    )
+    if previous and any(previous[0].get(key) != first[key] for key in COMPARED):
+        print(
+            f"{args.previous}: its line for seed {first['seed']} differs from this quickstart's ({first}): it "
+            "was made from another stage 2, stage 3 or control.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    print(json.dumps(first), flush=True)
+    lines = [first]
     for seed in args.seeds:
         stage3, s3_seconds = train_and_score(
             f"stage3-seed{seed}", 3, [*stage_overrides(3, qs, False), f"training.seed={seed}"]
@@ -130,43 +192,20 @@ def main() -> None:
         control, c_seconds = train_and_score(
             f"control-seed{seed}", 2, [*control_overrides(qs, False, stage3_recipe), f"training.seed={seed}"]
         )
-        rows.append({"seed": seed, "stage3": stage3, "control": control, "train_s": [s3_seconds, c_seconds]})
-    summary: dict[str, list[float]] = {
-        "stage3": [],
-        "control": [],
-        "stage3-control": [],
-        "stage3-stage2": [],
-        "control-stage2": [],
-    }
-    for row in rows:
-        line = {
-            "seed": row["seed"],
-            "stage2": round(stage2["accuracy"], 3),
-            "stage3": round(row["stage3"]["accuracy"], 3),
-            "control": round(row["control"]["accuracy"], 3),
-            "stage3-control": paired(row["stage3"], row["control"]),
-            "stage3-stage2": paired(row["stage3"], stage2),
-            "control-stage2": paired(row["control"], stage2),
-            "by_type": {  # accuracy per question type, as the quickstart report gives it
-                name: {kind: round(v["accuracy"], 2) for kind, v in row[name]["by_type"].items()}
-                for name in ("stage3", "control")
-            },
-        }
-        if "train_s" in row:
-            line["train_s"] = [round(s) for s in row["train_s"]]
+        lines.append(seed_line(seed, stage3, control, [s3_seconds, c_seconds]))
+        print(json.dumps(lines[-1]), flush=True)
+    for line in previous[1:]:
         print(json.dumps(line), flush=True)
-        for key in ("stage3", "control"):
-            summary[key].append(line[key])
-        for key in ("stage3-control", "stage3-stage2", "control-stage2"):
-            summary[key].append(line[key]["difference"])
+    lines = sorted(lines + previous[1:], key=lambda line: line["seed"])
+    summary = {key: [line[key] for line in lines] for key in ("stage3", "control")} | {
+        key: [line[key]["difference"] for line in lines]
+        for key in ("stage3-control", "stage3-stage2", "control-stage2")
+    }
     print(
         json.dumps(
             {
-                "seeds": [row["seed"] for row in rows],
-                **{
-                    key: {"mean": mean(v), "se_across_seeds": round(statistics.stdev(v) / len(v) ** 0.5, 3)}
-                    for key, v in summary.items()
-                },
+                "seeds": sorted(line["seed"] for line in lines),
+                **{key: {"mean": mean(v), "se_across_seeds": spread(v)} for key, v in summary.items()},
             }
         )
     )

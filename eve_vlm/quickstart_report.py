@@ -108,7 +108,9 @@ def ablation_section(
         "## Allocation policies, each trained",
         "",
         f"Stage 3 trained once per token-allocation policy from the same stage 2, at capacity factor "
-        f"{capacity} for {step_fraction:.0%} of stage 3's steps, with its recipe otherwise. "
+        f"{capacity} for {step_fraction:.0%} of stage 3's steps, on stage 2's conversations (where the "
+        "language FFN is asked for more tokens than its capacity, so the policies differ in what they drop), "
+        "with stage 3's recipe otherwise. "
         "VQA on the same questions (± standard error); routing on training conversations (batches of 8) "
         "under the model's own policy at the training capacity, mean over EVF layers (entropy in nats; *drop* = share of tokens not processed by "
         "the expert they chose).",

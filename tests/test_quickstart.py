@@ -73,6 +73,7 @@ def test_quickstart_smoke(assets, tmp_path):
     rts = json.loads((tmp_path / "qs" / "ablation" / "rts" / DONE_MARKER).read_text())["recipe"]
     assert rts["evf"]["allocation"] == "rts" and rts["evf"]["capacity_factor"] == 1.5
     assert rts["training"]["max_steps"] == 2  # half of the smoke run's 3 steps, rounded
+    assert rts["data"]["sources"] == stage2["recipe"]["data"]["sources"]  # where capacity binds
     assert list(tmp_path.joinpath("qs").glob("*.png"))
     assert "## Wall time" in text
     # `eve chat` on the result: a text-only question gets the base SmolLM2's answer (under the same prompt);
@@ -257,7 +258,11 @@ def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_p
     assert control.data.sources == stage3.data.sources
     assert (control.data.template, control.data.max_length) == (stage3.data.template, stage3.data.max_length)
     t, c = stage3.training, control.training
-    assert (c.max_steps, c.per_device_train_batch_size, c.seed) == (t.max_steps, t.per_device_train_batch_size, t.seed)
+    assert (c.max_steps, c.per_device_train_batch_size, c.seed) == (
+        t.max_steps,
+        t.per_device_train_batch_size,
+        t.seed,
+    )
     assert c.gradient_accumulation_steps == t.gradient_accumulation_steps
     # A stage 3 that accumulates micro-batches is followed too.
     other = load_recipe(
@@ -272,4 +277,43 @@ def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_p
     assert control.data.system_prompt == stage2.data.system_prompt == ""
     assert control.model.init_from == str(tmp_path / "stage2")
     # Stage 3 trains the projector with the routers and vision FFNs: all of them act on image tokens only.
-    assert [r.pattern for r in stage3.trainable] == ["^projector\\.", "\\.mlp\\.router\\.", "\\.mlp\\.vision_ffns\\."]
+    assert [r.pattern for r in stage3.trainable] == [
+        "^projector\\.",
+        "\\.mlp\\.router\\.",
+        "\\.mlp\\.vision_ffns\\.",
+    ]
+
+
+def test_the_ablation_trains_stage3_on_stage2s_conversations_where_capacity_binds(tmp_path):
+    from eve_vlm.quickstart import ABLATION_CAPACITY, ablation_overrides, recipes_dir, stage_overrides
+    from eve_vlm.train.recipe import load_recipe
+
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
+    stage2 = load_recipe(recipes_dir() / "stage2.yaml", stage_overrides(2, tmp_path, False))
+    rts = load_recipe(
+        recipes_dir() / "stage3.yaml", ablation_overrides(tmp_path, False, "rts", stage3, stage2)
+    )
+    # Stage 2's conversations, where the language FFN is asked for more than its capacity at 1.5 ...
+    assert rts.data.sources == stage2.data.sources != stage3.data.sources
+    assert (rts.data.template, rts.data.max_length) == (stage2.data.template, stage2.data.max_length)
+    assert rts.training.per_device_train_batch_size == stage2.training.per_device_train_batch_size
+    assert (rts.evf.allocation, rts.evf.capacity_factor) == ("rts", ABLATION_CAPACITY)
+    assert rts.training.max_steps == stage3.training.max_steps // 2
+    # ... with stage 3's recipe otherwise: its parameters, learning rate, seed, router options and parent.
+    assert rts.trainable == stage3.trainable and rts.lora == stage3.lora
+    assert (rts.training.learning_rate, rts.training.seed) == (
+        stage3.training.learning_rate,
+        stage3.training.seed,
+    )
+    assert (rts.evf.router_init, rts.evf.modality_loss_coef) == (
+        stage3.evf.router_init,
+        stage3.evf.modality_loss_coef,
+    )
+    assert rts.model.init_from == str(tmp_path / "stage2")
+    assert rts.training.output_dir == str(tmp_path / "ablation" / "rts")
+    # A smoke run keeps its small batch.
+    smoke3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, True))
+    smoke = load_recipe(
+        recipes_dir() / "stage3.yaml", ablation_overrides(tmp_path, True, "bpr", smoke3, stage2)
+    )
+    assert smoke.training.per_device_train_batch_size == 4 and smoke.training.max_steps == 2

@@ -16,6 +16,7 @@ from eve_vlm.quickstart import (
     recipe_record,
     recipes_dir,
     stage_overrides,
+    vqa_settings,
 )
 from eve_vlm.train.recipe import load_recipe
 
@@ -66,3 +67,51 @@ def test_records_evaluated_in_other_batches_are_not_mixed_with_new_seeds(tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"stage2, control, stage3 in {tmp_path} were evaluated otherwise")
     assert not (tmp_path / "seeds").exists()
+
+
+def quickstart_records(folder: Path) -> None:
+    """Records of a finished quickstart, as the current recipes and evaluation make them, on 4 questions."""
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, folder, False))
+    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(folder, False, stage3))
+    right = {"stage2": [1, 1, 0, 0], "stage3": [1, 1, 1, 0], "control": [1, 0, 1, 1]}
+    for name, recipe in (
+        ("stage2", {}),
+        ("stage3", recipe_record(stage3)),
+        ("control", recipe_record(control)),
+    ):
+        predictions = [{"id": i, "accuracy": float(a)} for i, a in enumerate(right[name])]
+        vqa = {"accuracy": 25.0 * sum(right[name]), "predictions": predictions, "by_type": {}}
+        record = {"key": {"recipe": recipe, "eval": vqa_settings(4)}, "metrics": {"vqa": vqa}}
+        (folder / name).mkdir()
+        (folder / name / RECORD).write_text(json.dumps(record))
+
+
+def test_previous_seeds_are_counted_only_beside_the_same_quickstart(tmp_path):
+    quickstart_records(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        folders = ("--quickstart", str(tmp_path), "--out", str(tmp_path / "seeds"), "--vqa-limit", "4")
+        return run_benchmark("stage3_seeds", *folders, *args)
+
+    proc = run("--seeds")  # no seed to train: the quickstart's own, summarised
+    assert proc.returncode == 0, proc.stderr
+    seed1, alone = (json.loads(text) for text in proc.stdout.splitlines())
+    assert alone["seeds"] == [1] and alone["stage3"] == {"mean": 75.0, "se_across_seeds": None}
+    assert (seed1["seed"], seed1["stage3"], seed1["control"], seed1["stage2"]) == (1, 75.0, 75.0, 50.0)
+    assert seed1["stage3-stage2"]["difference"] == 25.0 and seed1["stage3-control"]["difference"] == 0.0
+    seed2 = {"seed": 2, "stage2": 50.0, "stage3": 100.0, "control": 25.0}
+    for key, d in (("stage3-control", 75.0), ("stage3-stage2", 50.0), ("control-stage2", -25.0)):
+        seed2[key] = {"difference": d, "se": 1.0, "questions": 4}
+    previous = tmp_path / "previous.jsonl"
+    previous.write_text("\n".join(json.dumps(line) for line in (seed1, seed2, {"seeds": [1, 2]})) + "\n")
+    proc = run("--previous", str(previous), "--seeds")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(text) for text in proc.stdout.splitlines()]
+    assert [line.get("seed") for line in lines[:2]] == [1, 2] and lines[-1]["seeds"] == [1, 2]
+    assert lines[-1]["stage3"] == {"mean": 87.5, "se_across_seeds": 12.5}
+    assert lines[-1]["stage3-control"] == {"mean": 37.5, "se_across_seeds": 37.5}
+    # The earlier output of another stage 3 is refused before anything trains.
+    previous.write_text("\n".join(json.dumps(line) for line in ({**seed1, "stage3": 50.0}, seed2)) + "\n")
+    proc = run("--previous", str(previous), "--seeds", "7")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "its line for seed 1 differs" in proc.stderr and not (tmp_path / "seeds").exists()
