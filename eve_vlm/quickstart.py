@@ -15,7 +15,7 @@
    evaluated the same way, so the report shows the language delta the Eve recipe avoids.
 4. With `--ablation`: stage 3 trained once per token-allocation policy (`ABLATION_POLICIES`) from the same
    stage 2, at the paper code's training capacity factor (`ABLATION_CAPACITY`) for half of stage 3's steps, on
-   stage 2's conversations (where an expert is asked for more than its capacity, so the policies differ in
+   stage 2's conversations and batch (where an expert is asked for more than its capacity, so the policies differ in
    what they drop), with stage 3's recipe otherwise; each is evaluated on the same questions, with its routing
    under its own policy: the paper's Fig. 3 comparison, trained.
 5. `runs/quickstart/report.md` (+ `metrics.json`, PNG plots): one row per model, and the wall time per step.
@@ -152,7 +152,7 @@ def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
 
 def ablation_overrides(out: Path, smoke: bool, policy: str, stage3: Recipe, stage2: Recipe) -> list[str]:
     """Stage 3 with another allocation policy, at `ABLATION_CAPACITY`, for a fraction of its steps, on stage 2's
-    conversations (sources, template, length and batch): there an image is 16 of about 120 tokens, so once the
+    conversations (sources, template, length and batch): there an image is 16 of about 130 tokens, so once the
     routers split by modality the language FFN is asked for more than its capacity and each policy has to
     choose which tokens to drop. (In stage 3's own caption turns text is about 64% of the tokens, under the 75%
     capacity: the four capacity policies would train identically there.)"""

@@ -47,7 +47,7 @@ def comparison_section(pairs: list[dict]) -> str:
         "questions (each model is one training run, so the noise between training seeds is not in it). "
         "`control` is stage 2 continued from its result on stage 3's data, steps, batch and seed (stage 2's "
         "learning rate; its projector and LoRA train instead of the vision FFNs). Each ablation run is compared "
-        "with the `img_gbpr` one (same capacity and steps).",
+        "with the `img_gbpr` one (same data, capacity and steps).",
         "",
         "| model | against | questions | difference | SE | outside 2 SE |",
         "|---|---|---:|---:|---:|---|",
@@ -108,7 +108,7 @@ def ablation_section(
         "## Allocation policies, each trained",
         "",
         f"Stage 3 trained once per token-allocation policy from the same stage 2, at capacity factor "
-        f"{capacity} for {step_fraction:.0%} of stage 3's steps, on stage 2's conversations (where the "
+        f"{capacity} for {step_fraction:.0%} of stage 3's steps, on stage 2's conversations and batch (where the "
         "language FFN is asked for more tokens than its capacity, so the policies differ in what they drop), "
         "with stage 3's recipe otherwise. "
         "VQA on the same questions (± standard error); routing on training conversations (batches of 8) "

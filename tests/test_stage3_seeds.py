@@ -103,15 +103,26 @@ def test_previous_seeds_are_counted_only_beside_the_same_quickstart(tmp_path):
     for key, d in (("stage3-control", 75.0), ("stage3-stage2", 50.0), ("control-stage2", -25.0)):
         seed2[key] = {"difference": d, "se": 1.0, "questions": 4}
     previous = tmp_path / "previous.jsonl"
-    previous.write_text("\n".join(json.dumps(line) for line in (seed1, seed2, {"seeds": [1, 2]})) + "\n")
+    previous.write_text("\n".join(json.dumps(line) for line in (seed2, seed1, {"seeds": [2, 1]})) + "\n")
     proc = run("--previous", str(previous), "--seeds")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(text) for text in proc.stdout.splitlines()]
     assert [line.get("seed") for line in lines[:2]] == [1, 2] and lines[-1]["seeds"] == [1, 2]
     assert lines[-1]["stage3"] == {"mean": 87.5, "se_across_seeds": 12.5}
     assert lines[-1]["stage3-control"] == {"mean": 37.5, "se_across_seeds": 37.5}
-    # The earlier output of another stage 3 is refused before anything trains.
-    previous.write_text("\n".join(json.dumps(line) for line in ({**seed1, "stage3": 50.0}, seed2)) + "\n")
-    proc = run("--previous", str(previous), "--seeds", "7")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "its line for seed 1 differs" in proc.stderr and not (tmp_path / "seeds").exists()
+    # An earlier output of another stage 3, a seed given twice, or the quickstart's own seed to train again,
+    # is refused before anything trains.
+    for lines, seeds, said in (
+        (
+            ({**seed1, "stage3": 50.0}, seed2),
+            ["7"],
+            "its line for seed 1 differs from this quickstart's (stage3: 50.0",
+        ),
+        ((seed1, seed2, seed2), ["7"], "seeds [2] appear more than once"),
+        ((seed1, {**seed2, "stage2": 40.0}), ["7"], "seeds [2] were scored against another stage 2"),
+        ((seed1, seed2), ["1"], "--seeds 1: the quickstart's own seed is counted already"),
+    ):
+        previous.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        proc = run("--previous", str(previous), "--seeds", *seeds)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert said in proc.stderr and not (tmp_path / "seeds").exists()
