@@ -135,7 +135,7 @@ def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
     """Stage 2 continued from its own result on stage 3's data, steps, batch (and accumulation) and seed, with
     stage 2's learning rate and trainable parameters (projector and LoRA): the same extra training as stage 3,
     spent on stage 2's parameters instead of the vision FFNs. (Stage 2's system prompt is kept; it is the one
-    stage 3 inherits.) Its checkpoint interval stays stage 2's."""
+    stage 3 inherits.) Its checkpoint interval is stage 3's, so an interrupted control resumes as stage 3 does."""
     t, d = stage3.training, stage3.data
     overrides = stage_overrides(2, out, smoke, init_from=out / "stage2") + [
         f"training.output_dir={out / 'control'}",
@@ -143,6 +143,7 @@ def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
         f"training.per_device_train_batch_size={t.per_device_train_batch_size}",
         f"training.gradient_accumulation_steps={t.gradient_accumulation_steps}",
         f"training.seed={t.seed}",
+        f"training.save_steps={t.save_steps}",
         "data.sources=" + json.dumps([asdict(s) for s in d.sources]),
         f"data.template={d.template}",
         f"data.max_length={d.max_length}",
