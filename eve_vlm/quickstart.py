@@ -48,6 +48,7 @@ from eve_vlm.quickstart_report import (
     comparison_section,
     comparisons,
     timing_section,
+    training_section,
 )
 
 if TYPE_CHECKING:
@@ -460,6 +461,7 @@ def run_quickstart(
         dtype: The dtype the evaluations load each model in (default float32).
     """
     from eve_vlm.eval.report import write_report
+    from eve_vlm.train.stages import DONE_MARKER
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,7 +484,8 @@ def run_quickstart(
     if dtype not in (None, "float32"):
         settings["dtype"] = dtype  # absent: float32, as in the records of runs before the option
     reused: list[str] = []
-    for run in plan_runs(out_dir, smoke, with_baseline, ablation):
+    runs = plan_runs(out_dir, smoke, with_baseline, ablation)
+    for run in runs:
         outcome = train_or_reuse(run, out_dir, settings, evaluate, log)
         metrics[run.name], plots[run.name] = outcome["metrics"], outcome["plots"]
         timings.update(outcome["timings"])
@@ -494,8 +497,14 @@ def run_quickstart(
         timings["ablation (not in total)"] = extra
     pairs = comparisons(metrics)
     main = {n: m for n, m in metrics.items() if not n.startswith("ablation-")}
+    trained = {  # the training summary of each model in the main table
+        run.name: json.loads((run.model_dir(out_dir) / DONE_MARKER).read_text())
+        for run in runs
+        if run.name in main
+    }
     report = write_report(main, out_dir, plots)
     with open(report, "a", encoding="utf-8") as f:
+        f.write(training_section(trained))
         f.write(comparison_section(pairs))
         if ablation:
             f.write(ablation_section(metrics, timings, out_dir, ABLATION_CAPACITY, ABLATION_STEP_FRACTION))

@@ -1,5 +1,5 @@
-"""The sections `eve quickstart` appends to the evaluation report: paired differences between models, the
-trained allocation-policy ablation (table and plot) and the wall time."""
+"""The sections `eve quickstart` appends to the evaluation report: what each model trains, paired differences
+between models, the trained allocation-policy ablation (table and plot) and the wall time."""
 
 from __future__ import annotations
 
@@ -158,6 +158,47 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def parameters(count: int) -> str:
+    """A parameter count in millions (two decimals)."""
+    return f"{count / 1e6:.2f}M"
+
+
+def training_section(trained: dict[str, dict]) -> str:
+    """What each model trains, from its training summary (`eve_training.json`: its recipe and the parameters
+    each `trainable` rule matched): the model it starts from, data, steps x batch, learning rate and the
+    trained parameters per rule, so the report shows each comparison's budget."""
+    lines = [
+        "",
+        "## What each model trains",
+        "",
+        "Trained parameters per `trainable` rule (millions; frozen ones not counted).",
+        "",
+        "| model | from | data | steps x batch | learning rate | trained parameters |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for name, summary in trained.items():
+        recipe = summary["recipe"]
+        t = recipe["training"]
+        parent = Path(recipe["model"]["init_from"]).name if recipe["model"].get("init_from") else "-"
+        data = ", ".join(Path(source["path"]).name for source in recipe["data"]["sources"])
+        rules = summary.get("trainable", {})  # {pattern: [tensors, parameters]}
+        total = sum(count for _, count in rules.values())
+        each = (
+            "-"
+            if not rules
+            else " + ".join(  # a pipe in a rule would end the table cell
+                f"`{pattern.replace('|', chr(92) + '|')}` {parameters(count)}"
+                for pattern, (_, count) in rules.items()
+            )
+        )
+        batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
+        lines.append(
+            f"| {name} | {parent} | {data} | {t['max_steps']} x {batch} | {t['learning_rate']:g} | "
+            f"{each}{f' = {parameters(total)}' if len(rules) > 1 else ''} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | None = None) -> str:

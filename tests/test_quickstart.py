@@ -59,6 +59,16 @@ def test_quickstart_smoke(assets, tmp_path):
     assert pairs[("stage3", "stage2")]["questions"] == s3["questions"] == s2["questions"] == 16
     assert abs(pairs[("stage3", "stage2")]["difference"] - (s3["accuracy"] - s2["accuracy"])) < 1e-9
     assert "## Paired differences in VQA accuracy" in text
+    trains = text[text.index("## What each model trains") : text.index("## Paired differences")]
+    assert [line.split(" | ")[0] for line in trains.splitlines() if line.startswith("| ") and "x" in line][
+        1:
+    ] == [
+        "| stage1",
+        "| stage2",
+        "| control",
+        "| stage3",
+        "| baseline",
+    ]
     assert [r["policy"] for r in saved["ablation"]] == ["rts", "bpr", "gbpr", "img_gbpr", "modality"]
     assert "## Allocation policies, each trained" in text and (tmp_path / "qs" / "ablation.png").is_file()
     control = json.loads((tmp_path / "qs" / "control" / DONE_MARKER).read_text())
@@ -319,3 +329,36 @@ def test_the_ablation_trains_stage3_on_stage2s_conversations_where_capacity_bind
         recipes_dir() / "stage3.yaml", ablation_overrides(tmp_path, True, "bpr", smoke3, stage2)
     )
     assert smoke.training.per_device_train_batch_size == 4 and smoke.training.max_steps == 2
+
+
+def test_the_training_section_gives_each_models_parent_data_steps_and_trained_parameters():
+    from eve_vlm.quickstart_report import training_section
+
+    def summary(parent, data, steps, batch, accumulate, lr, trainable):
+        training = {"max_steps": steps, "per_device_train_batch_size": batch}
+        training |= {"gradient_accumulation_steps": accumulate, "learning_rate": lr}
+        recipe = {"model": {"init_from": parent}, "data": {"sources": [{"path": data}]}, "training": training}
+        return {"recipe": recipe, "trainable": trainable}
+
+    text = training_section(
+        {
+            "stage1": summary(None, "/d/captions.json", 300, 16, 1, 1e-3, {"^projector\\.": [24, 1565856]}),
+            "control": summary(
+                "/runs/qs/stage2",
+                "/d/captions.json",
+                48,
+                16,
+                2,
+                5e-4,
+                {"^projector\\.": [24, 1565856], "\\.lora_(A|B)\\.": [420, 4884480]},
+            ),
+        }
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| stage1") or line.startswith("| control")]
+    assert rows[0] == "| stage1 | - | captions.json | 300 x 16 | 0.001 | `^projector\\.` 1.57M |"
+    # The batch counts accumulation; a pipe in a rule is escaped so the row keeps its six cells.
+    assert rows[1] == (
+        "| control | stage2 | captions.json | 48 x 32 | 0.0005 | "
+        "`^projector\\.` 1.57M + `\\.lora_(A\\|B)\\.` 4.88M = 6.45M |"
+    )
+    assert all(len(row.replace("\\|", "").split("|")) == 8 for row in rows)
