@@ -3,15 +3,15 @@
 The quickstart's control trains stage 2's projector and LoRA (6.45M parameters) on stage 3's data; stage 3
 trains the projector, the routers and a vision copy of the FFN in every EVF layer (42.92M). This control trains,
 on the same data, steps, batch, seed and learning rate as stage 3, the projector and the FFN weights of the same
-layers in place (`mlp.{gate,up,down}_proj.base_layer`, stage 2's LoRA on them kept frozen): about stage 3's
-budget, without the router and the copy. The FFNs are shared with text, so text-only requests no longer run the
+layers in place (`mlp.{gate,up,down}_proj.base_layer`, stage 2's LoRA on them kept frozen): 41.38M, about stage
+3's budget, without the router and the copy. The FFNs are shared with text, so text-only requests no longer run the
 base LLM; the language evaluation (the quickstart's, next to the base LLM) measures by how much.
 
-    python benchmarks/budget_control.py --quickstart runs/quickstart [--learning-rate 5e-5]
+    python benchmarks/budget_control.py --quickstart runs/quickstart [--learning-rate 5e-5 --out NEW_FOLDER]
 
 Output: one JSON line (easy-VQA accuracy overall and per type, paired differences to stage 2, stage 3 and the
 control with their standard error over questions, language scores and deltas, trained parameters, train
-seconds). The model goes to `--out`. Needs the default parts (`eve prepare`) and a finished `eve quickstart`
+seconds). The model goes to `--out`, which must be new or empty (a training there would resume). Needs the default parts (`eve prepare`) and a finished `eve quickstart`
 (its records must be of the current recipes: `stage3_seeds.py`'s checks); run nothing else meanwhile.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage3_seeds, when loaded from elsewhere
 
-from stage3_seeds import load_quickstart, paired  # noqa: E402
+from stage3_seeds import load_quickstart, paired, refuse  # noqa: E402
 
 from eve_vlm.assets import prepare  # noqa: E402
 from eve_vlm.model.configuration import resolve_placement  # noqa: E402
@@ -49,7 +49,7 @@ def budget_overrides(
     return [
         *control_overrides(qs, False, stage3),
         "trainable=" + json.dumps(trainable),
-        f"training.learning_rate={learning_rate or stage3.training.learning_rate}",
+        f"training.learning_rate={stage3.training.learning_rate if learning_rate is None else learning_rate}",
         f"training.output_dir={out}",
     ]
 
@@ -63,6 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     records, stage3 = load_quickstart(args.quickstart, args.vqa_limit)
     qs, out = Path(args.quickstart).resolve(), Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()):  # a training there would resume it, whatever the learning rate
+        refuse(f"--out {out} is not empty: pass a new folder for each run (or delete it).")
     config = json.loads((qs / "stage2" / "config.json").read_text())
     overrides = budget_overrides(
         qs, stage3, config["text_config"]["num_hidden_layers"], out, args.learning_rate

@@ -47,3 +47,27 @@ def test_a_missing_quickstart_is_named_with_exit_2(tmp_path):
     proc = run_benchmark("budget_control", "--quickstart", str(tmp_path), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "stage2" / RECORD) in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_used_out_folder_is_refused_before_anything_trains(tmp_path):
+    import json
+
+    from eve_vlm.quickstart import control_overrides, recipe_record, vqa_settings
+
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
+    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
+    for name, recipe in (
+        ("stage2", {}),
+        ("stage3", recipe_record(stage3)),
+        ("control", recipe_record(control)),
+    ):
+        (tmp_path / name).mkdir()
+        record = {"key": {"recipe": recipe, "eval": vqa_settings(4)}, "metrics": {"vqa": {}}}
+        (tmp_path / name / RECORD).write_text(json.dumps(record))
+    (tmp_path / "b" / "checkpoint-48").mkdir(parents=True)  # an earlier run's, at another learning rate
+    proc = run_benchmark(
+        "budget_control", "--quickstart", str(tmp_path), "--out", str(tmp_path / "b"), "--vqa-limit", "4"
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--out {tmp_path / 'b'} is not empty" in proc.stderr
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["checkpoint-48"]
