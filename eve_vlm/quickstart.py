@@ -132,24 +132,31 @@ def recipe_record(recipe: Recipe) -> dict:
     return json.loads(json.dumps(asdict(recipe)))
 
 
+def data_overrides(recipe: Recipe) -> list[str]:
+    """Recipe overrides that give another stage `recipe`'s data: its sources, template and length."""
+    d = recipe.data
+    return [
+        "data.sources=" + json.dumps([asdict(s) for s in d.sources]),
+        f"data.template={d.template}",
+        f"data.max_length={d.max_length}",
+    ]
+
+
 def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
     """Stage 2 continued from its own result on stage 3's data, steps, batch (and accumulation) and seed, with
     stage 2's learning rate and trainable parameters (projector and LoRA): the same extra training as stage 3,
     spent on stage 2's parameters instead of the vision FFNs. (Stage 2's system prompt is kept; it is the one
     stage 3 inherits.) Its checkpoint interval is stage 3's, so an interrupted control resumes as stage 3 does."""
-    t, d = stage3.training, stage3.data
-    overrides = stage_overrides(2, out, smoke, init_from=out / "stage2") + [
+    t = stage3.training
+    return stage_overrides(2, out, smoke, init_from=out / "stage2") + [
         f"training.output_dir={out / 'control'}",
         f"training.max_steps={t.max_steps}",
         f"training.per_device_train_batch_size={t.per_device_train_batch_size}",
         f"training.gradient_accumulation_steps={t.gradient_accumulation_steps}",
         f"training.seed={t.seed}",
         f"training.save_steps={t.save_steps}",
-        "data.sources=" + json.dumps([asdict(s) for s in d.sources]),
-        f"data.template={d.template}",
-        f"data.max_length={d.max_length}",
+        *data_overrides(stage3),
     ]
-    return overrides
 
 
 def ablation_overrides(out: Path, smoke: bool, policy: str, stage3: Recipe, stage2: Recipe) -> list[str]:
@@ -159,11 +166,8 @@ def ablation_overrides(out: Path, smoke: bool, policy: str, stage3: Recipe, stag
     choose which tokens to drop. (In stage 3's own caption turns text is about 64% of the tokens, under the 75%
     capacity: the four capacity policies would train identically there.)"""
     steps = max(1, round(stage3.training.max_steps * ABLATION_STEP_FRACTION))
-    d = stage2.data
     conversations = [
-        "data.sources=" + json.dumps([asdict(s) for s in d.sources]),
-        f"data.template={d.template}",
-        f"data.max_length={d.max_length}",
+        *data_overrides(stage2),
         f"training.per_device_train_batch_size={stage2.training.per_device_train_batch_size}",
     ]
     return (

@@ -183,16 +183,12 @@ def training_section(trained: dict[str, dict]) -> str:
         t = recipe["training"]
         parent = Path(recipe["model"]["init_from"]).name if recipe["model"].get("init_from") else "-"
         data = ", ".join(Path(source["path"]).name for source in recipe["data"]["sources"])
-        rules = summary.get("trainable", {})  # {pattern: [tensors, parameters]}
+        rules = summary["trainable"]  # {pattern: [tensors, parameters]}
         total = sum(count for _, count in rules.values())
-        each = (
-            "-"
-            if not rules
-            else " + ".join(  # a pipe in a rule would end the table cell
-                f"`{pattern.replace('|', chr(92) + '|')}` {parameters(count)}"
-                for pattern, (_, count) in rules.items()
-            )
-        )
+        cells = {
+            pattern.replace("|", "\\|"): count for pattern, (_, count) in rules.items()
+        }  # a pipe ends a cell
+        each = " + ".join(f"`{pattern}` {parameters(count)}" for pattern, count in cells.items())
         batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
         lines.append(
             f"| {name} | {parent} | {data} | {t['max_steps']} x {batch} | {t['learning_rate']:g} | "

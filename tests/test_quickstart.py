@@ -198,7 +198,8 @@ class FakeStages:
         (out / "checkpoint-1").mkdir(parents=True, exist_ok=True)
         if self.fail == out.name:
             raise RuntimeError("killed")
-        (out / DONE_MARKER).write_text(json.dumps({"recipe": asdict(recipe), "seconds": 1.0}))
+        summary = {"recipe": asdict(recipe), "seconds": 1.0, "trainable": {"^projector\\.": [1, 10]}}
+        (out / DONE_MARKER).write_text(json.dumps(summary))
 
     def evaluator(self, *args, **kwargs):
         def evaluate(run, model_dir, out):
