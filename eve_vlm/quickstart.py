@@ -287,9 +287,10 @@ class Evaluator:
             metrics["routing"], plots = self.routing(run, model, processor, model_dir, out)
         return metrics, plots
 
-    def vqa(self, model, processor, progress: bool = True) -> dict:
+    def vqa(self, model, processor, progress: bool = True, describe_first: bool = True) -> dict:
         """easy-VQA on `vqa_rows` as the quickstart asks it: greedy, at most 4 new tokens, each question after
-        the model's own caption of its image (`CAPTION_PROMPT`, at most `DESCRIBE_TOKENS`)."""
+        the model's own caption of its image (`CAPTION_PROMPT`, at most `DESCRIBE_TOKENS`), or in one turn
+        when `describe_first` is False."""
         from eve_vlm.eval.vqa import evaluate_vqa
 
         return evaluate_vqa(
@@ -298,7 +299,7 @@ class Evaluator:
             self.vqa_rows,
             batch_size=VQA_BATCH,
             max_new_tokens=4,
-            describe_first=CAPTION_PROMPT,
+            describe_first=CAPTION_PROMPT if describe_first else None,
             describe_tokens=DESCRIBE_TOKENS,
             progress=progress,
         )
