@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -182,12 +182,16 @@ def ablation_overrides(out: Path, smoke: bool, policy: str, stage3: Recipe, stag
     )
 
 
-def plan_runs(out: Path, smoke: bool, with_baseline: bool, ablation: bool) -> list[Run]:
-    """The models of one quickstart, in training order."""
+def plan_runs(
+    out: Path, smoke: bool, with_baseline: bool, ablation: bool, seed: int | None = None
+) -> list[Run]:
+    """The models of one quickstart, in training order; `seed` replaces every recipe's training seed (the
+    control and the ablation take stage 3's)."""
     from eve_vlm.train.recipe import load_recipe
 
-    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, out, smoke))
-    stage2 = load_recipe(recipes_dir() / "stage2.yaml", stage_overrides(2, out, smoke))
+    seeded = (f"training.seed={seed}",) if seed is not None else ()
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", [*stage_overrides(3, out, smoke), *seeded])
+    stage2 = load_recipe(recipes_dir() / "stage2.yaml", [*stage_overrides(2, out, smoke), *seeded])
     runs = [
         Run("stage1", 1, tuple(stage_overrides(1, out, smoke)), None, vqa=False),
         Run("stage2", 2, tuple(stage_overrides(2, out, smoke)), "stage1"),
@@ -211,7 +215,7 @@ def plan_runs(out: Path, smoke: bool, with_baseline: bool, ablation: bool) -> li
             )
             for policy in ABLATION_POLICIES
         ]
-    return runs
+    return [replace(run, overrides=run.overrides + seeded) for run in runs]
 
 
 class Evaluator:
@@ -456,11 +460,13 @@ def run_quickstart(
     routing_limit: int = 64,
     device: str | None = None,
     dtype: str | None = None,
+    seed: int | None = None,
     log=print,
 ) -> Path:
     """Runs the pipeline and returns the report path.
 
     Args:
+        seed: Every stage's training seed instead of its recipe's (another training run of the whole job).
         device: Where the evaluations load each model (`eve_vlm/device.py`; default the GPU when there is
             one); training runs where transformers' Trainer puts it (the GPU when there is one).
         dtype: The dtype the evaluations load each model in (default float32).
@@ -489,7 +495,7 @@ def run_quickstart(
     if dtype not in (None, "float32"):
         settings["dtype"] = dtype  # absent: float32, as in the records of runs before the option
     reused: list[str] = []
-    runs = plan_runs(out_dir, smoke, with_baseline, ablation)
+    runs = plan_runs(out_dir, smoke, with_baseline, ablation, seed)
     for run in runs:
         outcome = train_or_reuse(run, out_dir, settings, evaluate, log)
         metrics[run.name], plots[run.name] = outcome["metrics"], outcome["plots"]
@@ -536,6 +542,11 @@ def add_quickstart_parser(subparsers) -> None:
     )
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and tiny evaluations")
     p.add_argument("--vqa-limit", type=int, default=2000, help="easy-VQA test questions evaluated")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="every stage's training seed instead of its recipe's (another run of the whole job: use another --out)",
+    )
     add_device_arguments(
         p, suffix="; for the evaluations (training goes where the Trainer puts it)", quantize=False
     )
@@ -548,5 +559,6 @@ def add_quickstart_parser(subparsers) -> None:
             vqa_limit=a.vqa_limit,
             device=a.device,
             dtype=a.dtype,
+            seed=a.seed,
         )
     )

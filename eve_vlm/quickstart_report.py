@@ -167,7 +167,7 @@ def parameters(count: int) -> str:
 
 def training_section(trained: dict[str, dict]) -> str:
     """What each model trains, from its training summary (`eve_training.json`: its recipe and the parameters
-    each `trainable` rule matched): the model it starts from, data, steps x batch, learning rate and the
+    each `trainable` rule matched): the model it starts from, data, steps x batch, learning rate, seed and the
     trained parameters per rule, so the report shows each comparison's budget."""
     lines = [
         "",
@@ -175,8 +175,8 @@ def training_section(trained: dict[str, dict]) -> str:
         "",
         "Trained parameters per `trainable` rule (millions; frozen ones not counted).",
         "",
-        "| model | from | data | steps x batch | learning rate | trained parameters |",
-        "|---|---|---|---|---:|---|",
+        "| model | from | data | steps x batch | learning rate | seed | trained parameters |",
+        "|---|---|---|---|---:|---:|---|",
     ]
     for name, summary in trained.items():
         recipe = summary["recipe"]
@@ -191,10 +191,33 @@ def training_section(trained: dict[str, dict]) -> str:
         each = " + ".join(f"`{pattern}` {parameters(count)}" for pattern, count in cells.items())
         batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
         lines.append(
-            f"| {name} | {parent} | {data} | {t['max_steps']} x {batch} | {t['learning_rate']:g} | "
+            f"| {name} | {parent} | {data} | {t['max_steps']} x {batch} | {t['learning_rate']:g} | {t['seed']} | "
             f"{each}{f' = {parameters(total)}' if len(rules) > 1 else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from `cpuinfo`, first processor (empty where there is none)."""
+    try:
+        first = cpuinfo.read_text().split("\n\n")[0]
+    except OSError:
+        return "", set()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    import platform
+
+    return cpu_flags(cpuinfo)[0] or platform.processor() or "CPU model unknown"
+
+
+def bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's bf16 matrix units, which bf16 autocast's kernels use when present: training and greedy
+    answers in bf16 round differently with and without them, so runs on other CPUs give other models."""
+    units = [name for name in ("avx512_bf16", "amx_bf16") if name in cpu_flags(cpuinfo)[1]]
+    return f" ({', '.join(units)})" if units else " (no bf16 units)"
 
 
 def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | None = None) -> str:
@@ -209,7 +232,8 @@ def timing_section(timings: dict[str, float], smoke: bool, reused: list[str] | N
         "",
         "## Wall time",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__} "
+        f"Machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPU cores, "
+        f"{torch.backends.cpu.get_cpu_capability()} kernels{bf16_units()}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
         + (" (smoke run: a few steps per stage)." if smoke else "."),
         "",

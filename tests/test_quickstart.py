@@ -125,6 +125,43 @@ def test_wall_time_section_names_the_machine_versions_and_every_step():
     assert f"transformers {transformers.__version__}" in text and "smoke run" in text
     assert "| stage1 train | 90 | 1.5 |" in text and "| total | 150 | 2.5 |" in text
     assert "with the times measured then: stage1." in text
+    # The CPU and its bf16 units: bf16 autocast rounds otherwise on other units, so runs differ by machine.
+    assert f"{torch.backends.cpu.get_cpu_capability()} kernels" in text
+    assert "bf16" in text.split("Machine:")[1].split(";")[0]
+
+
+def test_cpu_flags_read_the_first_processor_of_proc_cpuinfo(tmp_path):
+    from eve_vlm.quickstart_report import bf16_units, cpu_flags, cpu_name
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512f amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: fpu\n"
+    )
+    assert cpu_flags(cpuinfo) == ("Some CPU", {"fpu", "avx512f", "amx_bf16"})
+    assert bf16_units(cpuinfo) == " (amx_bf16)" and cpu_name(cpuinfo) == "Some CPU"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert bf16_units(cpuinfo) == " (no bf16 units)"
+    assert cpu_name(cpuinfo)  # no model name: the platform's word, or "CPU model unknown"
+    assert cpu_flags(tmp_path / "absent") == ("", set())
+
+
+def test_seed_replaces_every_stages_training_seed_and_the_default_keeps_the_recipes(tmp_path):
+    from eve_vlm.quickstart import plan_runs, recipes_dir
+    from eve_vlm.train.recipe import load_recipe
+
+    def seeds(runs):
+        return {
+            run.name: load_recipe(recipes_dir() / f"stage{run.stage}.yaml", list(run.overrides)).training.seed
+            for run in runs
+        }
+
+    seeded = seeds(plan_runs(tmp_path, False, True, True, seed=7))
+    assert len(seeded) == 10 and set(seeded.values()) == {7}  # stages, control, baseline, ablation
+    default = seeds(plan_runs(tmp_path, False, True, True))
+    own = {stage: load_recipe(recipes_dir() / f"stage{stage}.yaml").training.seed for stage in (1, 2, 3)}
+    assert default["stage1"] == own[1] and default["stage2"] == default["baseline"] == own[2]
+    assert default["stage3"] == default["control"] == default["ablation-rts"] == own[3]
 
 
 def fake_vqa(hits: list[int]) -> dict:
@@ -336,7 +373,7 @@ def test_the_training_section_gives_each_models_parent_data_steps_and_trained_pa
     from eve_vlm.quickstart_report import training_section
 
     def summary(parent, data, steps, batch, accumulate, lr, trainable):
-        training = {"max_steps": steps, "per_device_train_batch_size": batch}
+        training = {"max_steps": steps, "per_device_train_batch_size": batch, "seed": int(parent is not None)}
         training |= {"gradient_accumulation_steps": accumulate, "learning_rate": lr}
         recipe = {"model": {"init_from": parent}, "data": {"sources": [{"path": data}]}, "training": training}
         return {"recipe": recipe, "trainable": trainable}
@@ -356,10 +393,10 @@ def test_the_training_section_gives_each_models_parent_data_steps_and_trained_pa
         }
     )
     rows = [line for line in text.splitlines() if line.startswith("| stage1") or line.startswith("| control")]
-    assert rows[0] == "| stage1 | - | captions.json | 300 x 16 | 0.001 | `^projector\\.` 1.57M |"
+    assert rows[0] == "| stage1 | - | captions.json | 300 x 16 | 0.001 | 0 | `^projector\\.` 1.57M |"
     # The batch counts accumulation; a pipe in a rule is escaped so the row keeps its six cells.
     assert rows[1] == (
-        "| control | stage2 | captions.json | 48 x 32 | 0.0005 | "
+        "| control | stage2 | captions.json | 48 x 32 | 0.0005 | 1 | "
         "`^projector\\.` 1.57M + `\\.lora_(A\\|B)\\.` 4.88M = 6.45M |"
     )
-    assert all(len(row.replace("\\|", "").split("|")) == 8 for row in rows)
+    assert all(len(row.replace("\\|", "").split("|")) == 9 for row in rows)
