@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="saved model folders (e.g. a quickstart's stage2, stage3)")
     parser.add_argument("--out", default="runs/full_test_split", help="folder for the predictions")
     parser.add_argument(
+        "--questions",
+        type=int,
+        help="ask only this many, spread over the split as the quickstart's --vqa-limit spreads them "
+        "(2000: the quickstart's own questions); default every question",
+    )
+    parser.add_argument(
         "--one-turn",
         action="store_true",
         help="ask each question in one turn, with no caption first (what a user who asks directly gets)",
@@ -95,7 +101,9 @@ def main() -> None:
     if len(set(names)) != len(names):
         refuse(f"models {names}: two folders share a name; their predictions would overwrite each other.")
     paths = prepare(log=lambda *_: None)["paths"]
-    evaluator = Evaluator(paths, vqa_limit=10**9, mc_limit=1, text_chars=1, routing_limit=1)
+    if args.questions is not None and args.questions < 1:
+        refuse(f"--questions {args.questions}: ask at least one question.")
+    evaluator = Evaluator(paths, vqa_limit=args.questions or 10**9, mc_limit=1, text_chars=1, routing_limit=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}

@@ -32,7 +32,7 @@ def test_agreement_counts_the_records_questions_answered_alike(tmp_path):
     assert bench.agreement(here, tmp_path) == {"questions": 3, "same_answer": 2}
 
 
-def test_a_folder_that_is_not_a_model_or_a_repeated_name_is_refused_with_exit_2(tmp_path):
+def test_a_folder_that_is_not_a_model_a_repeated_name_or_no_question_is_refused_with_exit_2(tmp_path):
     proc = run_benchmark("full_test_split", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "nowhere") in proc.stderr and "config.json" in proc.stderr
@@ -41,3 +41,5 @@ def test_a_folder_that_is_not_a_model_or_a_repeated_name_is_refused_with_exit_2(
         (tmp_path / parent / "stage3" / "config.json").write_text("{}")
     proc = run_benchmark("full_test_split", str(tmp_path / "a" / "stage3"), str(tmp_path / "b" / "stage3"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "share a name" in proc.stderr
+    proc = run_benchmark("full_test_split", str(tmp_path / "a" / "stage3"), "--questions", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--questions 0" in proc.stderr
