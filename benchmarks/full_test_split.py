@@ -96,7 +96,9 @@ def main() -> None:
     folders = [Path(m).resolve() for m in args.models]
     missing = [str(f) for f in folders if not (f / "config.json").is_file()]
     if missing:
-        refuse(f"{', '.join(missing)}: not a saved model folder (no config.json); pass the folders of trained models.")
+        refuse(
+            f"{', '.join(missing)}: not a saved model folder (no config.json); pass the folders of trained models."
+        )
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         refuse(f"models {names}: two folders share a name; their predictions would overwrite each other.")
@@ -107,7 +109,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    for name, folder in zip(names, folders):
+    for name, folder in zip(names, folders, strict=True):
         start = time.time()
         model, processor = load_model_and_processor(str(folder))
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=VQA_BF16):

@@ -203,7 +203,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
         first = cpuinfo.read_text().split("\n\n")[0]
     except OSError:
         return "", set()
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    fields = {
+        key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())
+    }
     return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 

@@ -28,7 +28,9 @@ def test_agreement_counts_the_records_questions_answered_alike(tmp_path):
     assert bench.agreement(predictions({"a": "yes"}), tmp_path) is None  # no record: nothing to compare
     record = {"metrics": {"vqa": {"predictions": predictions({"a": "yes", "b": "no", "c": "red"})}}}
     (tmp_path / "quickstart_record.json").write_text(json.dumps(record))
-    here = predictions({"a": "yes", "b": "yes", "c": "red", "d": "no"})  # a superset of the record's questions
+    here = predictions(
+        {"a": "yes", "b": "yes", "c": "red", "d": "no"}
+    )  # a superset of the record's questions
     assert bench.agreement(here, tmp_path) == {"questions": 3, "same_answer": 2}
 
 
