@@ -102,9 +102,9 @@ def main() -> None:
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         refuse(f"models {names}: two folders share a name; their predictions would overwrite each other.")
-    paths = prepare(log=lambda *_: None)["paths"]
     if args.questions is not None and args.questions < 1:
         refuse(f"--questions {args.questions}: ask at least one question.")
+    paths = prepare(log=lambda *_: None)["paths"]
     evaluator = Evaluator(paths, vqa_limit=args.questions or 10**9, mc_limit=1, text_chars=1, routing_limit=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
