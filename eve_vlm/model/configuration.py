@@ -41,6 +41,8 @@ class EvfConfig:
         use_residual: DeepSpeed residual MoE: mix the MoE output with the dense language FFN.
         modality_loss_coef: Weight of the auxiliary modality routing loss in training (0 = off, the paper's
             router); see `ElasticVisionFFN`.
+        detach_router_input: The router reads detached hidden states, so the routing losses train the router
+            alone (False = the paper's); see `ElasticVisionFFN`.
     """
 
     layers: list[int] = field(default_factory=list)
@@ -54,6 +56,7 @@ class EvfConfig:
     balance_loss: str = "switch"
     use_residual: bool = False
     modality_loss_coef: float = 0.0
+    detach_router_input: bool = False
 
     def __post_init__(self) -> None:
         validate_options(

@@ -167,6 +167,10 @@ class ElasticVisionFFN(nn.Module):
         modality_loss_coef: Weight of an auxiliary routing loss in training mode [ours, not the paper's]: the
             mean cross-entropy of the router against the image mask (image tokens -> the vision experts
             together, text tokens -> the language FFN). 0 (default) = the paper's plain router.
+        detach_router_input: The router reads the hidden states detached [ours, not the paper's]: the balance
+            and modality losses, and the router's share of the language-model loss, train the router alone,
+            not the layers below it (the projector, earlier vision FFNs), which then learn from the
+            language-model loss alone. False (default) = the paper's router, whose gradient reaches them.
         seed: Seed of a private CPU generator for the `rts` policy; None = torch's global RNG. Under
             activation checkpointing keep None: checkpointing restores the global RNG state for the
             recompute, not a private generator's, so a seeded `rts` would pick other tokens on recompute.
@@ -191,6 +195,7 @@ class ElasticVisionFFN(nn.Module):
         balance_loss: str = "switch",
         use_residual: bool = False,
         modality_loss_coef: float = 0.0,
+        detach_router_input: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -218,6 +223,7 @@ class ElasticVisionFFN(nn.Module):
         self.balance_loss = balance_loss
         self.use_residual = use_residual
         self.modality_loss_coef = modality_loss_coef
+        self.detach_router_input = detach_router_input
         self._policy = get_policy(allocation)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -429,7 +435,7 @@ class ElasticVisionFFN(nn.Module):
         When the capacity is at least the number of assignments no expert can be over it, so the policy is
         not run and every assignment is kept (what any policy would keep): the eval-mode case with two
         experts, and every decoding step."""
-        logits = self.router(x)  # (S, E) fp32
+        logits = self.router(x.detach() if self.detach_router_input else x)  # (S, E) fp32
         probs = logits.softmax(dim=-1)
         expert_idx, weights = assign_experts(probs, mask, top_k=self.top_k, allocation=self.allocation)
         capacity = self._capacity(expert_idx.numel())

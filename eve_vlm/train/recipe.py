@@ -217,6 +217,7 @@ class EvfSpec:
     balance_loss: str = "switch"
     use_residual: bool = False
     modality_loss_coef: float = 0.0
+    detach_router_input: bool = False
     aux_loss_coef: float = 0.01
     router_init: str = "random"
     router_init_batches: int = 4

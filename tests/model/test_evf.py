@@ -441,3 +441,31 @@ def test_residual_coefficient_follows_the_ffn_dtype():
     assert evf.coefficient.weight.dtype == torch.bfloat16 and evf.router.weight.dtype == torch.float32
     x, mask = _batch(seed=4)
     assert evf.route(x.to(torch.bfloat16), mask).hidden_states.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("combine", ["soft", "straight_through"])
+def test_detached_router_input_keeps_the_routing_losses_off_the_hidden_states(combine):
+    """With `detach_router_input` the balance and modality losses (and the combine weight's share of the output
+    gradient) reach the router, not the hidden states the router reads; the forward pass is unchanged."""
+    options = {"combine": combine, "modality_loss_coef": 0.1}
+    plain, detached = _evf(**options).train(), _evf(detach_router_input=True, **options).train()
+    x, mask = _batch(seed=7)
+    outs = {}
+    for name, evf in (("plain", plain), ("detached", detached)):
+        h = x.clone().requires_grad_(True)
+        out = evf.route(h, mask)
+        (out.aux_loss + out.router_loss).backward()
+        outs[name] = (out.hidden_states.detach(), h.grad, evf.router.weight.grad)
+    torch.testing.assert_close(outs["plain"][0], outs["detached"][0], rtol=0, atol=0)
+    assert outs["plain"][1] is not None and outs["plain"][1].abs().sum() > 0
+    assert outs["detached"][1] is None or outs["detached"][1].abs().sum() == 0
+    torch.testing.assert_close(outs["plain"][2], outs["detached"][2])  # the router learns the same
+    # the output's gradient reaches the input through the experts, not through the router's weight
+    h = x.clone().requires_grad_(True)
+    out = detached.route(h, mask)
+    out.hidden_states.sum().backward()
+    frozen_router = _evf(detach_router_input=True, **options).train()
+    frozen_router.router.requires_grad_(False)
+    g = x.clone().requires_grad_(True)
+    frozen_router.route(g, mask).hidden_states.sum().backward()
+    torch.testing.assert_close(h.grad, g.grad)

@@ -126,12 +126,14 @@ def test_paper_recipe_keeps_the_plain_router_and_the_quickstart_warm_starts_it()
     learning rate with the balance loss only; the quickstart's fits it on the image mask first."""
     paper = load_recipe(ROOT / "recipes" / "paper" / "stage3.yaml").evf
     assert (paper.router_init, paper.router_lr, paper.modality_loss_coef) == ("random", None, 0.0)
+    assert paper.detach_router_input is False and paper.options()["detach_router_input"] is False
     assert paper.capacity_factor == 1.5
     quick = load_recipe(ROOT / "recipes" / "quickstart" / "stage3.yaml").evf
     assert quick.router_init == "modality" and quick.modality_loss_coef > 0
     assert quick.capacity_factor == 2.0  # with 2 experts nothing is dropped in training (see the recipe)
     assert quick.options()["modality_loss_coef"] == 0.1  # the loss is part of the model config
     assert "router_init" not in quick.options()  # training-only keys stay out of the model config
+    assert quick.detach_router_input is False  # measured inside the noise (benchmarks/stage3_variants.py)
 
 
 def test_bf16_weights_need_bf16_compute(tmp_path):
