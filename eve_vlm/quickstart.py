@@ -2,8 +2,9 @@
 
 1. `eve prepare` (idempotent): SmolLM2-135M-Instruct, DINOv2-S, easy-VQA, the language-evaluation sets.
 2. Stages 1 -> 2 -> 3 with `recipes/quickstart/stage{1,2,3}.yaml`, and a **control**: stage 2 continued from
-   its own result on stage 3's data, steps, batch and seed (its own parameters and learning rate), so the report
-   shows whether stage 3 beats simply training stage 2 longer on the same data. Each model is evaluated: easy-VQA test accuracy on
+   its own result on stage 3's data, steps, batch, seed and learning-rate schedule (its own parameters and peak
+   learning rate), so the report shows whether stage 3 beats simply training stage 2 longer on the same data.
+   Each model is evaluated: easy-VQA test accuracy on
    the same `vqa_limit` questions (each asked after the model's own caption of its image, `Evaluator.vqa`;
    greedy, under bf16 autocast; with its standard error, and paired
    differences between models; stage 1, trained on captions only, gets no VQA evaluation), text perplexity
@@ -143,14 +144,17 @@ def data_overrides(recipe: Recipe) -> list[str]:
 
 
 def control_overrides(out: Path, smoke: bool, stage3: Recipe) -> list[str]:
-    """Stage 2 continued from its own result on stage 3's data, steps, batch (and accumulation) and seed, with
-    stage 2's learning rate and trainable parameters (projector and LoRA): the same extra training as stage 3,
-    spent on stage 2's parameters instead of the vision FFNs. (Stage 2's system prompt is kept; it is the one
-    stage 3 inherits.) Its checkpoint interval is stage 3's, so an interrupted control resumes as stage 3 does."""
+    """Stage 2 continued from its own result on stage 3's data, steps, batch (and accumulation), seed and
+    learning-rate schedule (warm-up and decay), with stage 2's peak learning rate and trainable parameters
+    (projector and LoRA): the same extra training as stage 3, spent on stage 2's parameters instead of the vision
+    FFNs. (Stage 2's system prompt is kept; it is the one stage 3 inherits.) Its checkpoint interval is stage 3's,
+    so an interrupted control resumes as stage 3 does."""
     t = stage3.training
     return stage_overrides(2, out, smoke, init_from=out / "stage2") + [
         f"training.output_dir={out / 'control'}",
         f"training.max_steps={t.max_steps}",
+        f"training.warmup_ratio={t.warmup_ratio}",
+        f"training.lr_scheduler_type={t.lr_scheduler_type}",
         f"training.per_device_train_batch_size={t.per_device_train_batch_size}",
         f"training.gradient_accumulation_steps={t.gradient_accumulation_steps}",
         f"training.seed={t.seed}",

@@ -321,6 +321,21 @@ def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_p
     )
     accumulating = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, other))
     assert accumulating.training.gradient_accumulation_steps == 2
+    # ... and so is its learning-rate schedule (warm-up share and decay), whatever stage 2's own.
+    assert (c.warmup_ratio, c.lr_scheduler_type) == (t.warmup_ratio, t.lr_scheduler_type)
+    scheduled = load_recipe(
+        recipes_dir() / "stage3.yaml",
+        [
+            *stage_overrides(3, tmp_path, False),
+            "training.warmup_ratio=0.4",
+            "training.lr_scheduler_type=linear",
+        ],
+    )
+    follows = load_recipe(
+        recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, scheduled)
+    ).training
+    assert (follows.warmup_ratio, follows.lr_scheduler_type) == (0.4, "linear")
+    assert stage2.training.warmup_ratio != 0.4
     # ... spent on stage 2's parameters, at stage 2's learning rate and under its system prompt.
     assert control.lora == stage2.lora and control.trainable == stage2.trainable
     assert c.learning_rate == stage2.training.learning_rate
