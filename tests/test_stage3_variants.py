@@ -69,7 +69,11 @@ def test_a_missing_quickstart_a_bad_variant_or_holdout_is_refused_with_exit_2(tm
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "qs" / "stage2") in proc.stderr and "eve quickstart" in proc.stderr
-    for bad, named in (("--variant=no equals", "NAME=OVERRIDE"), ("--variant=a b=x", "NAME=OVERRIDE")):
+    for bad, named in (
+        ("--variant=no equals", "NAME=OVERRIDE"),
+        ("--variant=a b=x", "NAME=OVERRIDE"),
+        ("--variant=stage2=x=1", "not stage2"),
+    ):
         proc = run_benchmark("stage3_variants", bad, "--out", str(tmp_path / "o"))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and named in proc.stderr
     proc = run_benchmark("stage3_variants", "--variant", "a=", "--variant", "a=x=1")
