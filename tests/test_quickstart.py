@@ -25,6 +25,13 @@ def assets():
         pytest.skip(f"real assets not prepared ({err}); CI runs `eve prepare` first")
 
 
+def test_a_passed_tests_folder_is_removed_at_once(pytestconfig):
+    # the smoke below writes about 7 GB of models into its folder (10 models); kept for every passed test and
+    # for the last three runs, the folders once filled a CI disk mid-run
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) <= 1
+
+
 def test_quickstart_smoke(assets, tmp_path):
     run_quickstart(str(tmp_path / "qs"), smoke=True)
     said = []  # a second run with the baseline and the ablation reuses stages 1-3 and the control
