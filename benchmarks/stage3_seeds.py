@@ -13,6 +13,10 @@ their records and counted as one seed.
     python benchmarks/stage3_seeds.py --quickstart runs/quickstart --seeds 2 3 > seeds-2-3.jsonl
     python benchmarks/stage3_seeds.py --seeds 4 5 --previous seeds-2-3.jsonl > seeds-2-5.jsonl
     python benchmarks/stage3_seeds.py --seeds --previous seeds-2-5.jsonl      # only the summary again
+    python benchmarks/stage3_seeds.py --quickstart runs/quickstart-seed2 --quickstart-seed 2 --seeds 4 5
+
+`--quickstart-seed N` reads a quickstart run with `eve quickstart --seed N` (every stage at seed N; its stage 3 and
+control count as seed N).
 
 `--previous FILE` counts the seeds of an earlier output of this script (for the same quickstart) without training
 them again: its line for the quickstart's own seed must equal this run's, and each seed may appear once.
@@ -79,16 +83,19 @@ def spread(values: list[float]) -> float | None:
     return round(statistics.stdev(values) / len(values) ** 0.5, 3) if len(values) > 1 else None
 
 
-def load_quickstart(folder: str, vqa_limit: int) -> tuple[dict[str, dict], Recipe]:
+def load_quickstart(folder: str, vqa_limit: int, seed: int | None = None) -> tuple[dict[str, dict], Recipe]:
     """The records of a finished quickstart's stage 2, control and stage 3, and stage 3's recipe; exits 2 when
-    they cannot count as one seed of the current recipes, evaluated as the seeds added here would be."""
+    they cannot count as one seed of the current recipes (at every stage's `seed` where the quickstart was run
+    with `--seed`), evaluated as the seeds added here would be."""
     qs = Path(folder).resolve()
+    again = f"eve quickstart --out {folder}" + (f" --seed {seed}" if seed is not None else "")
     missing = [str(qs / name / RECORD) for name in MODELS if not (qs / name / RECORD).is_file()]
     if missing:
-        refuse(f"{', '.join(missing)} not found: run `eve quickstart --out {folder}` first.")
+        refuse(f"{', '.join(missing)} not found: run `{again}` first.")
     records = {name: json.loads((qs / name / RECORD).read_text()) for name in MODELS}
-    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, qs, False))
-    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(qs, False, stage3))
+    seeded = [f"training.seed={seed}"] if seed is not None else []
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", [*stage_overrides(3, qs, False), *seeded])
+    control = load_recipe(recipes_dir() / "stage2.yaml", [*control_overrides(qs, False, stage3), *seeded])
     stale = [
         name
         for name, recipe in (("stage3", stage3), ("control", control))
@@ -96,8 +103,10 @@ def load_quickstart(folder: str, vqa_limit: int) -> tuple[dict[str, dict], Recip
     ]
     if stale:  # its records would be counted as one seed of other recipes
         refuse(
-            f"{', '.join(stale)} in {qs} were trained from other recipes than the current ones: run "
-            f"`eve quickstart --out {folder}` again first."
+            f"{', '.join(stale)} in {qs} were trained from other recipes than the current ones"
+            + (f" at seed {seed}" if seed is not None else "")
+            + f": run `{again}` again first"
+            + ("." if seed is not None else ", or pass the --quickstart-seed it was run with.")
         )
     asked = vqa_settings(vqa_limit)  # how the seeds added here are evaluated; the records must match it
     other = [
@@ -108,7 +117,7 @@ def load_quickstart(folder: str, vqa_limit: int) -> tuple[dict[str, dict], Recip
     if other:  # left padding under bf16 can change a greedy answer with the batch size
         refuse(
             f"{', '.join(other)} in {qs} were evaluated otherwise than the seeds would be ({asked}): run "
-            f"`eve quickstart --out {folder}` again first, or pass the --vqa-limit it used."
+            f"`{again}` again first, or pass the --vqa-limit it used."
         )
     return records, stage3
 
@@ -189,8 +198,13 @@ def main() -> None:
         "--previous",
         help="an earlier output of this script, for the same quickstart: its seeds are counted too",
     )
+    parser.add_argument(
+        "--quickstart-seed",
+        type=int,
+        help="the --seed the quickstart was run with (default: none, the recipes' own seeds)",
+    )
     args = parser.parse_args()
-    records, stage3_recipe = load_quickstart(args.quickstart, args.vqa_limit)
+    records, stage3_recipe = load_quickstart(args.quickstart, args.vqa_limit, args.quickstart_seed)
     qs, out = Path(args.quickstart).resolve(), Path(args.out).resolve()
     own_seed = stage3_recipe.training.seed
     if own_seed in args.seeds:

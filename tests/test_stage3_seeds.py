@@ -126,3 +126,36 @@ def test_previous_seeds_are_counted_only_beside_the_same_quickstart(tmp_path):
         proc = run("--previous", str(previous), "--seeds", *seeds)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert said in proc.stderr and not (tmp_path / "seeds").exists()
+
+
+def test_a_quickstart_run_with_seed_is_read_with_its_seed(tmp_path):
+    stage3 = load_recipe(
+        recipes_dir() / "stage3.yaml", [*stage_overrides(3, tmp_path, False), "training.seed=2"]
+    )
+    control = load_recipe(
+        recipes_dir() / "stage2.yaml", [*control_overrides(tmp_path, False, stage3), "training.seed=2"]
+    )
+    for name, recipe, right in (
+        ("stage2", {}, [1, 1, 0, 0]),
+        ("stage3", recipe_record(stage3), [1, 1, 1, 0]),
+        ("control", recipe_record(control), [1, 0, 0, 0]),
+    ):
+        predictions = [{"id": i, "accuracy": float(a)} for i, a in enumerate(right)]
+        vqa = {"accuracy": 25.0 * sum(right), "predictions": predictions, "by_type": {}}
+        (tmp_path / name).mkdir()
+        record = {"key": {"recipe": recipe, "eval": vqa_settings(4)}, "metrics": {"vqa": vqa}}
+        (tmp_path / name / RECORD).write_text(json.dumps(record))
+    folders = ("--quickstart", str(tmp_path), "--out", str(tmp_path / "seeds"), "--vqa-limit", "4")
+    proc = run_benchmark("stage3_seeds", *folders, "--seeds")  # read as the recipes' seeds: refused
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "stage3, control in" in proc.stderr and "pass the --quickstart-seed it was run with" in proc.stderr
+    proc = run_benchmark("stage3_seeds", *folders, "--quickstart-seed", "2", "--seeds")
+    assert proc.returncode == 0, proc.stderr
+    own, summary = (json.loads(text) for text in proc.stdout.splitlines())
+    assert (own["seed"], own["stage3"], own["control"], own["stage2"]) == (2, 75.0, 25.0, 50.0)
+    assert summary["seeds"] == [2]
+    proc = run_benchmark("stage3_seeds", *folders, "--quickstart-seed", "2", "--seeds", "2")
+    assert proc.returncode == 2 and "--seeds 2: the quickstart's own seed is counted already" in proc.stderr
+    proc = run_benchmark("stage3_seeds", *folders, "--quickstart-seed", "3", "--seeds")  # another seed's
+    assert proc.returncode == 2 and "at seed 3: run `eve quickstart --out" in proc.stderr
+    assert not (tmp_path / "seeds").exists()
