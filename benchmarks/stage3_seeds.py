@@ -105,8 +105,8 @@ def load_quickstart(folder: str, vqa_limit: int, seed: int | None = None) -> tup
         refuse(
             f"{', '.join(stale)} in {qs} were trained from other recipes than the current ones"
             + (f" at seed {seed}" if seed is not None else "")
-            + f": run `{again}` again first"
-            + ("." if seed is not None else ", or pass the --quickstart-seed it was run with.")
+            + f": run `{again}` again first, or pass the --quickstart-seed it was run with"
+            + (" (none for the recipes' seeds)." if seed is not None else ".")
         )
     asked = vqa_settings(vqa_limit)  # how the seeds added here are evaluated; the records must match it
     other = [

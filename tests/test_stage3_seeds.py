@@ -158,4 +158,5 @@ def test_a_quickstart_run_with_seed_is_read_with_its_seed(tmp_path):
     assert proc.returncode == 2 and "--seeds 2: the quickstart's own seed is counted already" in proc.stderr
     proc = run_benchmark("stage3_seeds", *folders, "--quickstart-seed", "3", "--seeds")  # another seed's
     assert proc.returncode == 2 and "at seed 3: run `eve quickstart --out" in proc.stderr
+    assert "pass the --quickstart-seed it was run with (none for the recipes' seeds)" in proc.stderr
     assert not (tmp_path / "seeds").exists()
