@@ -45,14 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eve_vlm.assets import prepare  # noqa: E402
-from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT, COLORS  # noqa: E402
+from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT, COLORS, SHAPES  # noqa: E402
 from eve_vlm.eval.cli import load_model_and_processor  # noqa: E402
 from eve_vlm.eval.vqa import describe_images  # noqa: E402
 from eve_vlm.quickstart import DESCRIBE_TOKENS, RECORD, VQA_BATCH, recipes_dir, stage_overrides  # noqa: E402
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
-
-SHAPES = ("circle", "rectangle", "triangle")
 
 
 def refuse(message: str) -> NoReturn:
@@ -95,12 +93,12 @@ def truth(row: dict) -> tuple[str | None, str | None]:
     return (words(caption, COLORS) or [None])[0], (words(caption, SHAPES) or [None])[0]
 
 
-@torch.no_grad()
 def score(model_dir: Path, held_out: list[dict], folder: Path) -> dict:
     """Share of held-out images whose caption names the right colour, shape, and both (in %, with counts), of
     the images whose colour, shape, or both are known."""
-    model, processor = load_model_and_processor(str(model_dir), device="cpu")
-    model.eval()
+    model, processor = load_model_and_processor(
+        str(model_dir), device="cpu"
+    )  # eval mode; generation: no grad
     paths = [str(folder / row["image"]) for row in held_out]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         captions = describe_images(

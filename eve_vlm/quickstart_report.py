@@ -46,8 +46,8 @@ def comparison_section(pairs: list[dict]) -> str:
         "mean per-question difference; |difference| > 2 SE is marked as outside the noise of sampling "
         "questions (each model is one training run, so the noise between training seeds is not in it). "
         "`control` is stage 2 continued from its result on stage 3's data, steps, batch, seed and learning-rate "
-        "schedule (stage 2's peak learning rate; its projector and LoRA train instead of the vision FFNs). Each ablation run is compared "
-        "with the `img_gbpr` one (same data, capacity and steps).",
+        "schedule (stage 2's peak learning rate; its projector and LoRA train instead of the vision FFNs). "
+        "Each ablation run is compared with the `img_gbpr` one (same data, capacity and steps).",
         "",
         "| model | against | questions | difference | SE | outside 2 SE |",
         "|---|---|---:|---:|---:|---|",
