@@ -26,6 +26,17 @@ first), the mean difference to the first from the same stage 2 in the share of i
 right, with the standard error across stage 2s. Trained models go to
 `--out/<quickstart folder name>/<variant>`; one already there (its `model.safetensors` written) is scored again,
 not retrained. Timing is the machine's: run nothing else meanwhile.
+
+`--test` measures the survivors on the test split instead: each variant trains on every caption turn (the
+quickstart's data, no hold-out), at the quickstart's stage-3 seed, and is asked the quickstart's easy-VQA
+questions as `eve quickstart` asks them (the record's question count, describe-first, bf16 autocast, batches
+of `VQA_BATCH`). Each line gives its accuracy (per question type too) and its paired difference on the same
+questions to the quickstart's stage 2, stage 3 (the recipe at that seed) and control, read from their records;
+the summary gives each variant's mean over the stage 2s of each difference with its standard error across stage
+2s. No recipe variant is needed there: the quickstart's stage 3 is the recipe.
+
+    python benchmarks/stage3_variants.py --test --quickstart runs/quickstart runs/quickstart-seed2 \\
+        runs/quickstart-seed3 --variant steps96='training.max_steps=96;training.save_steps=0' > test.jsonl
 """
 
 from __future__ import annotations
@@ -47,8 +58,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eve_vlm.assets import prepare  # noqa: E402
 from eve_vlm.data.builtin.easy_vqa import CAPTION_PROMPT, COLORS, SHAPES  # noqa: E402
 from eve_vlm.eval.cli import load_model_and_processor  # noqa: E402
-from eve_vlm.eval.vqa import describe_images  # noqa: E402
-from eve_vlm.quickstart import DESCRIBE_TOKENS, RECORD, VQA_BATCH, recipes_dir, stage_overrides  # noqa: E402
+from eve_vlm.eval.vqa import describe_images, paired_difference  # noqa: E402
+from eve_vlm.quickstart import (  # noqa: E402
+    DESCRIBE_TOKENS,
+    RECORD,
+    VQA_BATCH,
+    Evaluator,
+    Run,
+    recipe_record,
+    recipes_dir,
+    stage_overrides,
+    vqa_settings,
+)
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
 from eve_vlm.train.stages import run_stage  # noqa: E402
 
@@ -148,12 +169,90 @@ def summary(lines: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
+AGAINST = ("stage2", "stage3", "control")
+
+
+def records_on_test(qs: Path) -> tuple[dict[str, dict], int]:
+    """The VQA results of a quickstart's stage 2, stage 3 and control (with their predictions) and the question
+    count they were asked; exits 2 when one is missing or was asked otherwise than `eve quickstart` asks now."""
+    vqa: dict[str, dict] = {}
+    limit = None
+    for name in AGAINST:
+        path = qs / name / RECORD
+        if not path.is_file():
+            refuse(f"{path} not found: run `eve quickstart --out {qs}` first.")
+        key = json.loads(path.read_text())
+        asked = key["key"].get("eval", {})
+        limit = asked.get("vqa") if limit is None else limit
+        if not isinstance(limit, int) or {k: asked.get(k) for k in vqa_settings(limit)} != vqa_settings(
+            limit
+        ):
+            refuse(
+                f"{path}: its easy-VQA questions were asked otherwise than `eve quickstart` asks them now "
+                f"({vqa_settings(limit if isinstance(limit, int) else 0)}): run `eve quickstart --out {qs}` again."
+            )
+        vqa[name] = key["metrics"]["vqa"]
+    record = json.loads((qs / "stage3" / RECORD).read_text())["key"]["recipe"]
+    recipe = load_recipe(
+        recipes_dir() / "stage3.yaml",
+        [*stage_overrides(3, qs, False), f"training.seed={record['training']['seed']}"],
+    )
+    if record != recipe_record(recipe):  # its differences would not be to the recipe
+        refuse(
+            f"{qs / 'stage3'} was trained from another stage-3 recipe than the current one: run "
+            f"`eve quickstart --out {qs}` again (with the --seed it was made with)."
+        )
+    return vqa, limit
+
+
+def line_on_test(quickstart: str, name: str, result: dict, records: dict[str, dict]) -> dict:
+    """One variant's test line: accuracy, per type, and paired differences to the quickstart's models."""
+    line = {
+        "quickstart": quickstart,
+        "model": name,
+        "accuracy": round(result["accuracy"], 3),
+        "by_type": {kind: round(v["accuracy"], 2) for kind, v in result["by_type"].items()},
+    }
+    for other, record in records.items():
+        d = paired_difference(result["predictions"], record["predictions"])
+        line[f"minus_{other}"] = {
+            "difference": round(d["difference"], 3),
+            "se": round(d["stderr"], 3),
+            "questions": d["questions"],
+        }
+    return line
+
+
+def summary_on_test(lines: list[dict], names: list[str]) -> list[dict]:
+    """Per variant: the mean over the stage 2s of its paired difference to each of the quickstart's models,
+    with the standard error across stage 2s."""
+    out = []
+    for name in names:
+        mine = [line for line in lines if line["model"] == name]
+        row: dict = {"variant": name, "stage2s": len(mine)}
+        for other in AGAINST:
+            diffs = [line[f"minus_{other}"]["difference"] for line in mine]
+            row[f"minus_{other}"] = {
+                "mean": round(statistics.fmean(diffs), 3),
+                "se_across_stage2s": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 3)
+                if len(diffs) > 1
+                else None,
+            }
+        out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quickstart", nargs="+", default=["runs/quickstart"], help="finished quickstarts")
     parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDE;OVERRIDE...")
     parser.add_argument("--holdout", type=int, default=600, help="training images held out of stage 3")
     parser.add_argument("--out", default="runs/stage3_variants")
+    parser.add_argument(
+        "--test",
+        action="store_true",
+        help="train on every caption turn and ask the quickstart's test questions",
+    )
     args = parser.parse_args()
     variants = dict(parse_variant(v) for v in args.variant or ["recipe="])
     if len(variants) != len(args.variant or ["recipe="]):
@@ -167,6 +266,9 @@ def main() -> None:
                 refuse(f"{qs / name / RECORD} not found: run `eve quickstart --out {qs}` first.")
     if args.holdout < 1:
         refuse(f"--holdout {args.holdout}: hold out at least one training image.")
+    if args.test:
+        variants_on_test(folders, variants, Path(args.out).resolve())
+        return
     paths = prepare(log=lambda *_: None)["paths"]
     captions_file = Path(paths["easy_vqa_captions"])
     folder = captions_file.parent
@@ -184,26 +286,11 @@ def main() -> None:
         print(json.dumps(line), flush=True)
 
     for qs in folders:
-        seed = json.loads((qs / "stage3" / RECORD).read_text())["key"]["recipe"]["training"]["seed"]
+        seed = stage3_seed(qs)
         emit({"quickstart": qs.name, "model": "stage2", **score(qs / "stage2", held_out, folder)})
         for name, overrides in variants.items():
             model_dir = out / qs.name / name
-            seconds = None
-            if not (model_dir / "model.safetensors").is_file():
-                recipe = load_recipe(
-                    recipes_dir() / "stage3.yaml",
-                    [
-                        *stage_overrides(3, qs, False),
-                        f"training.seed={seed}",
-                        data,
-                        *overrides,
-                        f"training.output_dir={model_dir}",
-                    ],
-                )
-                start = time.time()
-                with contextlib.redirect_stdout(sys.stderr):
-                    run_stage(recipe, log=lambda *_: None)
-                seconds = round(time.time() - start, 1)
+            seconds = train_variant(qs, seed, [data, *overrides], model_dir)
             emit(
                 {
                     "quickstart": qs.name,
@@ -215,6 +302,53 @@ def main() -> None:
                 }
             )
     for row in summary(lines, list(variants)):
+        print(json.dumps(row), flush=True)
+
+
+def stage3_seed(qs: Path) -> int:
+    return json.loads((qs / "stage3" / RECORD).read_text())["key"]["recipe"]["training"]["seed"]
+
+
+def train_variant(qs: Path, seed: int, overrides: list[str], model_dir: Path) -> float | None:
+    """Trains stage 3 from `qs`'s stage 2 at `seed` with `overrides` into `model_dir` and returns the seconds
+    it took; None when a model is there already (it is scored again, not retrained)."""
+    if (model_dir / "model.safetensors").is_file():
+        return None
+    recipe = load_recipe(
+        recipes_dir() / "stage3.yaml",
+        [
+            *stage_overrides(3, qs, False),
+            f"training.seed={seed}",
+            *overrides,
+            f"training.output_dir={model_dir}",
+        ],
+    )
+    start = time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        run_stage(recipe, log=lambda *_: None)
+    return round(time.time() - start, 1)
+
+
+def variants_on_test(folders: list[Path], variants: dict[str, list[str]], out: Path) -> None:
+    """`--test`: every variant from every stage 2, on the quickstart's test questions."""
+    records = {qs: records_on_test(qs) for qs in folders}  # refuses before anything trains
+    paths = prepare(log=lambda *_: None)["paths"]
+    evaluators: dict[int, Evaluator] = {}
+    lines: list[dict] = []
+    for qs in folders:
+        vqa, limit = records[qs]
+        seed = stage3_seed(qs)
+        for name, overrides in variants.items():
+            model_dir = out / qs.name / name
+            seconds = train_variant(qs, seed, overrides, model_dir)
+            if limit not in evaluators:
+                evaluators[limit] = Evaluator(paths, limit, 1, 1, 1)
+            metrics, _ = evaluators[limit](Run(name, 3, (), None, language=False), model_dir, out)
+            line = line_on_test(qs.name, name, metrics["vqa"], vqa)
+            line.update(overrides=overrides, seed=seed, train_s=seconds)
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    for row in summary_on_test(lines, list(variants)):
         print(json.dumps(row), flush=True)
 
 

@@ -4,6 +4,16 @@ import json
 
 from conftest import load_benchmark, run_benchmark
 
+from eve_vlm.quickstart import (
+    RECORD,
+    control_overrides,
+    recipe_record,
+    recipes_dir,
+    stage_overrides,
+    vqa_settings,
+)
+from eve_vlm.train.recipe import load_recipe
+
 
 def caption_row(number: int, caption: str) -> dict:
     return {
@@ -92,3 +102,54 @@ def test_a_missing_quickstart_a_bad_variant_or_holdout_is_refused_with_exit_2(tm
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--holdout 0" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_test_line_pairs_the_variant_with_each_quickstart_model_on_the_same_questions():
+    bench = load_benchmark("stage3_variants")
+
+    def vqa(right):
+        preds = [{"id": i, "accuracy": float(a)} for i, a in enumerate(right)]
+        return {"accuracy": 25.0 * sum(right), "predictions": preds, "by_type": {"color": {"accuracy": 50.0}}}
+
+    records = {"stage2": vqa([1, 1, 0, 0]), "stage3": vqa([1, 1, 1, 0]), "control": vqa([0, 0, 0, 0])}
+    line = bench.line_on_test("qs", "v", vqa([1, 1, 1, 1]), records)
+    assert line["accuracy"] == 100.0 and line["by_type"] == {"color": 50.0}
+    assert [line[f"minus_{m}"]["difference"] for m in ("stage2", "stage3", "control")] == [50.0, 25.0, 100.0]
+    assert line["minus_control"]["se"] == 0.0 and line["minus_stage3"]["questions"] == 4
+
+
+def test_the_test_summary_gives_each_variants_mean_difference_across_stage2s():
+    bench = load_benchmark("stage3_variants")
+
+    def line(q, m, d2, d3):
+        diff = {"stage2": d2, "stage3": d3, "control": 0.0}
+        return {"quickstart": q, "model": m, **{f"minus_{k}": {"difference": v} for k, v in diff.items()}}
+
+    (row,) = bench.summary_on_test([line("a", "v", 1.0, 0.5), line("b", "v", 3.0, -0.5)], ["v"])
+    assert row["stage2s"] == 2
+    assert row["minus_stage2"] == {"mean": 2.0, "se_across_stage2s": 1.0}
+    assert row["minus_stage3"] == {"mean": 0.0, "se_across_stage2s": 0.5}
+
+
+def test_on_the_test_a_stale_or_otherwise_asked_quickstart_is_refused_before_training(tmp_path):
+    stage3 = load_recipe(recipes_dir() / "stage3.yaml", stage_overrides(3, tmp_path, False))
+    control = load_recipe(recipes_dir() / "stage2.yaml", control_overrides(tmp_path, False, stage3))
+    stale = recipe_record(stage3) | {"evf": {**recipe_record(stage3)["evf"], "router_init": "none"}}
+
+    def write(stage3_recipe, settings):
+        for name, recipe in (("stage2", {}), ("stage3", stage3_recipe), ("control", recipe_record(control))):
+            (tmp_path / name).mkdir(exist_ok=True)
+            vqa = {"accuracy": 0.0, "predictions": [], "by_type": {}}
+            record = {"key": {"recipe": recipe, "eval": settings}, "metrics": {"vqa": vqa}}
+            (tmp_path / name / RECORD).write_text(json.dumps(record))
+
+    args = ("--test", "--quickstart", str(tmp_path), "--out", str(tmp_path / "o"), "--variant", "v=")
+    write(recipe_record(stage3), vqa_settings(4) | {"vqa_batch": 32})
+    proc = run_benchmark("stage3_variants", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "stage2" / RECORD) in proc.stderr and "asked otherwise" in proc.stderr
+    write(stale, vqa_settings(4))
+    proc = run_benchmark("stage3_variants", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'stage3'} was trained from another stage-3 recipe" in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing trained
