@@ -16,7 +16,7 @@ trainings of one recipe (data order alone moved colour reading by about 3 points
 
     python benchmarks/stage3_variants.py --quickstart runs/quickstart runs/quickstart-seed2 \\
         --variant recipe= --variant detached=evf.detach_router_input=true \\
-        --variant steps96='training.max_steps=96;training.save_steps=48' > variants.jsonl
+        --variant b16='training.per_device_train_batch_size=16' > variants.jsonl
 
 A variant is `NAME=OVERRIDE;OVERRIDE...` (recipe overrides as `eve train` takes them; `NAME=` alone is the recipe
 itself). Output (stdout; the trainer's logs go to stderr): one JSON line per stage 2 and per trained model
@@ -36,7 +36,7 @@ the summary gives each variant's mean over the stage 2s of each difference with 
 2s. No recipe variant is needed there: the quickstart's stage 3 is the recipe.
 
     python benchmarks/stage3_variants.py --test --quickstart runs/quickstart runs/quickstart-seed2 \\
-        runs/quickstart-seed3 --variant steps96='training.max_steps=96;training.save_steps=0' > test.jsonl
+        runs/quickstart-seed3 --variant b16='training.per_device_train_batch_size=16' > test.jsonl
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from eve_vlm.quickstart import (  # noqa: E402
     recipe_record,
     recipes_dir,
     stage_overrides,
+    trained_summary,
     vqa_settings,
 )
 from eve_vlm.train.recipe import load_recipe  # noqa: E402
@@ -247,7 +248,10 @@ def main() -> None:
     parser.add_argument("--quickstart", nargs="+", default=["runs/quickstart"], help="finished quickstarts")
     parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDE;OVERRIDE...")
     parser.add_argument("--holdout", type=int, default=600, help="training images held out of stage 3")
-    parser.add_argument("--out", default="runs/stage3_variants")
+    parser.add_argument(
+        "--out",
+        help="where the models go (default: runs/stage3_variants, with --test runs/stage3_variants_test)",
+    )
     parser.add_argument(
         "--test",
         action="store_true",
@@ -267,13 +271,13 @@ def main() -> None:
     if args.holdout < 1:
         refuse(f"--holdout {args.holdout}: hold out at least one training image.")
     if args.test:
-        variants_on_test(folders, variants, Path(args.out).resolve())
+        variants_on_test(folders, variants, Path(args.out or "runs/stage3_variants_test").resolve())
         return
     paths = prepare(log=lambda *_: None)["paths"]
     captions_file = Path(paths["easy_vqa_captions"])
     folder = captions_file.parent
     train_rows, held_out = split_captions(captions_file, args.holdout)
-    out = Path(args.out).resolve()
+    out = Path(args.out or "runs/stage3_variants").resolve()
     out.mkdir(parents=True, exist_ok=True)
     train_file = out / f"captions-less-last-{args.holdout}.json"
     train_file.write_text(json.dumps(train_rows))
@@ -311,9 +315,9 @@ def stage3_seed(qs: Path) -> int:
 
 def train_variant(qs: Path, seed: int, overrides: list[str], model_dir: Path) -> float | None:
     """Trains stage 3 from `qs`'s stage 2 at `seed` with `overrides` into `model_dir` and returns the seconds
-    it took; None when a model is there already (it is scored again, not retrained)."""
-    if (model_dir / "model.safetensors").is_file():
-        return None
+    it took; None when a model trained from this very recipe is there already (it is scored again, not
+    retrained). Exits 2 when the folder holds a model trained from another recipe (another variant, mode or
+    stage-3 recipe), which would otherwise be scored under this variant's name."""
     recipe = load_recipe(
         recipes_dir() / "stage3.yaml",
         [
@@ -323,6 +327,13 @@ def train_variant(qs: Path, seed: int, overrides: list[str], model_dir: Path) ->
             f"training.output_dir={model_dir}",
         ],
     )
+    if (model_dir / "model.safetensors").is_file():
+        if trained_summary(model_dir, recipe_record(recipe)) is None:
+            refuse(
+                f"{model_dir} holds a model trained from another recipe than this variant's: pass another --out "
+                "(or remove that folder to train it again)."
+            )
+        return None
     start = time.time()
     with contextlib.redirect_stdout(sys.stderr):
         run_stage(recipe, log=lambda *_: None)

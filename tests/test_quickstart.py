@@ -319,7 +319,7 @@ def test_the_control_continues_stage2_on_stage3s_data_steps_batch_and_seed(tmp_p
         t.seed,
     )
     assert c.gradient_accumulation_steps == t.gradient_accumulation_steps
-    # ... with checkpoints at stage 3's interval (stage 2's, 60, is past the 48 steps: nothing to resume from).
+    # ... with checkpoints at stage 3's interval (so an interrupted control resumes as stage 3 does).
     assert c.save_steps == t.save_steps and 0 < c.save_steps < c.max_steps
     # A stage 3 that accumulates micro-batches is followed too.
     other = load_recipe(

@@ -153,3 +153,35 @@ def test_on_the_test_a_stale_or_otherwise_asked_quickstart_is_refused_before_tra
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{tmp_path / 'stage3'} was trained from another stage-3 recipe" in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing trained
+
+
+def test_a_model_left_by_another_recipe_is_refused_not_scored_under_the_variants_name(tmp_path, capsys):
+    import pytest
+
+    from eve_vlm.train.stages import DONE_MARKER
+
+    bench = load_benchmark("stage3_variants")
+    model_dir = tmp_path / "out" / "qs" / "b16"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.safetensors").write_bytes(b"")
+    overrides = ["training.per_device_train_batch_size=16"]
+    recipe = load_recipe(
+        recipes_dir() / "stage3.yaml",
+        [
+            *stage_overrides(3, tmp_path / "qs", False),
+            "training.seed=1",
+            *overrides,
+            f"training.output_dir={model_dir}",
+        ],
+    )
+    done = {"recipe": recipe_record(recipe), "seconds": 1.0}
+    (model_dir / DONE_MARKER).write_text(json.dumps(done))
+    # Trained from this variant's recipe: scored again, not retrained.
+    assert bench.train_variant(tmp_path / "qs", 1, overrides, model_dir) is None
+    # Trained from another one (here: the held-out mode's data, or an older stage-3 recipe): refused.
+    done["recipe"]["training"]["max_steps"] = 48
+    (model_dir / DONE_MARKER).write_text(json.dumps(done))
+    with pytest.raises(SystemExit) as stop:
+        bench.train_variant(tmp_path / "qs", 1, overrides, model_dir)
+    assert stop.value.code == 2
+    assert f"{model_dir} holds a model trained from another recipe" in capsys.readouterr().err
