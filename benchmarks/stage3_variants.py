@@ -25,7 +25,7 @@ per variant: the mean over the stage 2s and, for each variant but the first (the
 first), the mean difference to the first from the same stage 2 in the share of images whose caption names both
 right, with the standard error across stage 2s. Trained models go to
 `--out/<quickstart folder name>/<variant>`; one already there (its `model.safetensors` written) is scored again,
-not retrained. Timing is the machine's: run nothing else meanwhile.
+not retrained, when it was trained from that variant's recipe (another model there is refused, exit 2). Timing is the machine's: run nothing else meanwhile.
 
 `--test` measures the survivors on the test split instead: each variant trains on every caption turn (the
 quickstart's data, no hold-out), at the quickstart's stage-3 seed, and is asked the quickstart's easy-VQA
@@ -118,9 +118,8 @@ def truth(row: dict) -> tuple[str | None, str | None]:
 def score(model_dir: Path, held_out: list[dict], folder: Path) -> dict:
     """Share of held-out images whose caption names the right colour, shape, and both (in %, with counts), of
     the images whose colour, shape, or both are known."""
-    model, processor = load_model_and_processor(
-        str(model_dir), device="cpu"
-    )  # eval mode; generation: no grad
+    # the loader returns the model in eval mode, and generation runs without grad
+    model, processor = load_model_and_processor(str(model_dir), device="cpu")
     paths = [str(folder / row["image"]) for row in held_out]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         captions = describe_images(
@@ -182,8 +181,8 @@ def records_on_test(qs: Path) -> tuple[dict[str, dict], int]:
         path = qs / name / RECORD
         if not path.is_file():
             refuse(f"{path} not found: run `eve quickstart --out {qs}` first.")
-        key = json.loads(path.read_text())
-        asked = key["key"].get("eval", {})
+        record = json.loads(path.read_text())
+        asked = record["key"].get("eval", {})
         limit = asked.get("vqa") if limit is None else limit
         if not isinstance(limit, int) or {k: asked.get(k) for k in vqa_settings(limit)} != vqa_settings(
             limit
@@ -192,13 +191,14 @@ def records_on_test(qs: Path) -> tuple[dict[str, dict], int]:
                 f"{path}: its easy-VQA questions were asked otherwise than `eve quickstart` asks them now "
                 f"({vqa_settings(limit if isinstance(limit, int) else 0)}): run `eve quickstart --out {qs}` again."
             )
-        vqa[name] = key["metrics"]["vqa"]
-    record = json.loads((qs / "stage3" / RECORD).read_text())["key"]["recipe"]
+        vqa[name] = record["metrics"]["vqa"]
+        if name == "stage3":
+            trained = record["key"]["recipe"]
     recipe = load_recipe(
         recipes_dir() / "stage3.yaml",
-        [*stage_overrides(3, qs, False), f"training.seed={record['training']['seed']}"],
+        [*stage_overrides(3, qs, False), f"training.seed={trained['training']['seed']}"],
     )
-    if record != recipe_record(recipe):  # its differences would not be to the recipe
+    if trained != recipe_record(recipe):  # its differences would not be to the recipe
         refuse(
             f"{qs / 'stage3'} was trained from another stage-3 recipe than the current one: run "
             f"`eve quickstart --out {qs}` again (with the --seed it was made with)."
